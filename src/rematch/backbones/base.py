@@ -1,0 +1,107 @@
+"""The contract between ReMatchModel and one family of multimodal LLMs.
+
+ReMatchModel never touches a tokenizer, a chat template or a vision tower directly: it
+asks an adapter to turn items into a padded batch (:meth:`BackboneAdapter.prepare`), to
+embed that batch (:meth:`input_embeddings`), and to run the language model on embeddings
+it may have edited (:meth:`language_model`). Supporting another family (Qwen3-VL, say)
+means writing one more adapter, not touching the model, the losses or the trainer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rematch.config import ModelConfig
+from rematch.data.items import Item
+
+
+@dataclass
+class EncoderBatch:
+    """A left-padded batch of items, ready for the backbone.
+
+    Left padding puts every sequence's last token (and its K learnable slots) at the same
+    final positions, so pooling is a slice and padding cannot change a row's result.
+    """
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L), 1 = real token
+    position_ids: torch.Tensor  # (3, B, L) M-RoPE ids (time, height, width)
+    mm_token_type_ids: torch.Tensor  # (B, L): 0 text, 1 image token
+    num_slots: int  # K learnable-token slots at the end of every row
+    pixel_values: torch.Tensor | None = None  # (patches, C*T*P*P), all images of the batch
+    image_grid_thw: torch.Tensor | None = None  # (images, 3)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EncoderBatch":
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None)
+            moved[f.name] = value
+        return EncoderBatch(**moved)
+
+
+class BackboneAdapter(ABC):
+    """Turns items into backbone inputs and runs the pieces of one MLLM family."""
+
+    #: ``config.model_type`` values this adapter serves.
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, processor, config: ModelConfig):
+        self.processor = processor
+        self.config = config
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    # ----------------------------------------------------------------- data side (CPU)
+
+    @abstractmethod
+    def prepare(self, items: Sequence[Item], num_slots: int, where: str = "item",
+                indices: Sequence[int] | None = None) -> EncoderBatch:
+        """Build a left-padded batch; ``num_slots`` placeholder tokens end every row.
+
+        Errors name ``where`` and the item's index in the caller's list (``indices``,
+        default: position in this batch).
+        """
+
+    @abstractmethod
+    def estimate_length(self, item: Item) -> int:
+        """A cheap guess of an item's token count, used to sort items into tight batches."""
+
+    @abstractmethod
+    def token_id(self, text: str) -> int:
+        """The id of a word that must be exactly one token (e.g. "Yes")."""
+
+    # ----------------------------------------------------------------- model side
+
+    @abstractmethod
+    def hidden_size(self, backbone: nn.Module) -> int:
+        """Width of the language model's hidden states (= its input embeddings)."""
+
+    @abstractmethod
+    def input_embeddings(self, backbone: nn.Module, batch: EncoderBatch) -> torch.Tensor:
+        """Token embeddings with the vision tower's outputs placed at image tokens: (B, L, H)."""
+
+    @abstractmethod
+    def language_model(self, backbone: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor) -> torch.Tensor:
+        """Final-layer (normed) hidden states (B, L, H). ``attention_mask`` is 2-D or a 4-D boolean mask."""
+
+    @abstractmethod
+    def output_rows(self, backbone: nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
+        """The LM-head rows of ``token_ids``: (len(token_ids), H). Logits for just these tokens,
+        without materialising the full vocabulary, are ``hidden @ rows.T``."""
+
+    @abstractmethod
+    def text_embeddings(self, backbone: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup of plain token ids."""

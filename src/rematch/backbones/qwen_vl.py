@@ -1,0 +1,206 @@
+"""Adapter for Qwen2-VL and Qwen2.5-VL (one class: for still images they differ only inside
+the vision tower, which transformers runs for us).
+
+Chat format of an item (the K learnable slots where the assistant's answer would start)::
+
+    <|im_start|>system\\n{instruction or system prompt}<|im_end|>\\n
+    <|im_start|>user\\n<|vision_start|><|image_pad|>...<|vision_end|>{text}<|im_end|>\\n
+    <|im_start|>assistant\\n<slot_1>...<slot_K>
+
+The instruction goes into the system turn, as GME and Qwen3-VL-Embedding do; MMEB data,
+which writes its instructions inside the text, simply leaves it empty. Position ids are
+computed here, not by the model, because the packed matching sequence needs the same
+M-RoPE numbering for blocks the model has never seen laid out that way.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from rematch.backbones.base import BackboneAdapter, EncoderBatch
+from rematch.config import ModelConfig
+from rematch.data.images import load_image_for_model, target_size
+from rematch.data.items import IMAGE_PLACEHOLDER, Item, ItemError
+
+VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
+SLOT_TOKEN = "<|endoftext|>"
+
+
+def mrope_positions(token_types: Iterable[int], image_grids: Iterable[Sequence[int]], spatial_merge: int,
+                    start: int = 0) -> tuple[torch.Tensor, int]:
+    """Qwen-VL's 3-D rotary position ids for one unpadded sequence.
+
+    Text tokens advance all three axes together; an image's tokens get (t, row, column)
+    ids offset by the current position, after which text resumes at the position
+    just past the image's largest side. Returns the (3, n) ids and the next position.
+    """
+    grids = iter(image_grids)
+    chunks = []
+    position = start
+    for kind, run in itertools.groupby(token_types):
+        length = sum(1 for _ in run)
+        if kind == 0:
+            chunks.append(torch.arange(position, position + length).expand(3, -1))
+            position += length
+            continue
+        t, h, w = (int(v) for v in next(grids))
+        h, w = h // spatial_merge, w // spatial_merge
+        if t * h * w != length:
+            raise ValueError(f"image grid {t}x{h}x{w} does not match {length} image tokens")
+        grid_t, grid_h, grid_w = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        chunks.append(torch.stack([grid_t, grid_h, grid_w]).reshape(3, -1) + position)
+        position += max(h, w)
+    if not chunks:
+        return torch.zeros(3, 0, dtype=torch.long), start
+    return torch.cat(chunks, dim=1), position
+
+
+class QwenVLAdapter(BackboneAdapter):
+    """Qwen2-VL / Qwen2.5-VL: chat formatting, image processing, M-RoPE, embedding lookup."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+
+    def __init__(self, processor, config: ModelConfig):
+        super().__init__(processor, config)
+        image_processor = processor.image_processor
+        image_processor.size = {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
+        self.spatial_merge = int(image_processor.merge_size)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.slot_token_id = self.tokenizer.convert_tokens_to_ids(SLOT_TOKEN)
+
+    # ----------------------------------------------------------------- data side
+
+    def token_id(self, text: str) -> int:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
+        return ids[0]
+
+    def format_item(self, item: Item, num_slots: int) -> str:
+        """The chat-formatted text of one item, image marked by one ``<|image_pad|>``."""
+        text = self._truncate(item.text or "")
+        if item.image is not None:
+            if IMAGE_PLACEHOLDER.search(text):
+                text = IMAGE_PLACEHOLDER.sub(VISION_BLOCK, text, count=1)
+            else:
+                text = VISION_BLOCK + text
+        system = item.instruction if item.instruction else self.config.system_prompt
+        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n"
+                f"<|im_start|>assistant\n" + SLOT_TOKEN * num_slots)
+
+    def load_images(self, items: Sequence[Item], where: str, indices: Sequence[int]) -> list:
+        return [load_image_for_model(item.image, self.config.min_pixels, self.config.max_pixels,
+                                     where=f"{where} {index}")
+                for index, item in zip(indices, items) if item.image is not None]
+
+    def prepare(self, items: Sequence[Item], num_slots: int, where: str = "item",
+                indices: Sequence[int] | None = None) -> EncoderBatch:
+        indices = list(range(len(items))) if indices is None else list(indices)
+        texts = [self.format_item(item, num_slots) for item in items]
+        images = self.load_images(items, where, indices)
+        encoded = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
+                                 return_tensors="pt", return_mm_token_type_ids=True)
+        input_ids = encoded["input_ids"]
+        attention_mask = encoded["attention_mask"]
+        token_types = encoded["mm_token_type_ids"]
+        grids = encoded.get("image_grid_thw")
+        if num_slots and not bool((input_ids[:, -num_slots:] == self.slot_token_id).all()):
+            bad = [indices[row] for row in range(len(items))
+                   if not bool((input_ids[row, -num_slots:] == self.slot_token_id).all())]
+            raise ItemError(f"{where} {bad[0] if bad else indices[0]}: the learnable slots did not end the "
+                            "sequence (does the text contain chat special tokens?)")
+        position_ids = torch.zeros((3, *input_ids.shape), dtype=torch.long)
+        grid_rows = iter(grids.tolist() if grids is not None else [])
+        for row, item in enumerate(items):
+            valid = attention_mask[row].bool()
+            row_grids = [next(grid_rows)] if item.image is not None else []
+            positions, _ = mrope_positions(token_types[row][valid].tolist(), row_grids, self.spatial_merge)
+            position_ids[:, row, valid] = positions
+        return EncoderBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            mm_token_type_ids=token_types,
+            num_slots=num_slots,
+            pixel_values=encoded.get("pixel_values"),
+            image_grid_thw=grids,
+        )
+
+    def estimate_length(self, item: Item) -> int:
+        length = len(item.text or "") // 3 + len(item.instruction or self.config.system_prompt) // 3
+        if item.image is not None:
+            size = _image_size(item.image)
+            if size is not None:
+                height, width = target_size(size[1], size[0], self.config.min_pixels, self.config.max_pixels)
+                length += height * width // (14 * 14 * self.spatial_merge ** 2)
+        return length
+
+    def _truncate(self, text: str) -> str:
+        limit = self.config.max_text_tokens
+        if not limit or len(text) <= limit:  # a token is at least one character
+            return text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
+
+    # ----------------------------------------------------------------- model side
+
+    @staticmethod
+    def core(backbone: nn.Module) -> nn.Module:
+        """The Qwen2VLModel / Qwen2_5_VLModel inside a (possibly PEFT-wrapped) backbone."""
+        if hasattr(backbone, "get_base_model"):
+            backbone = backbone.get_base_model()
+        return backbone.model
+
+    @staticmethod
+    def causal_lm(backbone: nn.Module) -> nn.Module:
+        return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+    def hidden_size(self, backbone: nn.Module) -> int:
+        return int(self.causal_lm(backbone).config.text_config.hidden_size)
+
+    def text_embeddings(self, backbone: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.core(backbone).get_input_embeddings()(token_ids)
+
+    def image_features(self, backbone: nn.Module, pixel_values: torch.Tensor,
+                       image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merged vision-tower outputs of all images, concatenated: (image tokens, H)."""
+        output = self.core(backbone).get_image_features(pixel_values, image_grid_thw)
+        features = getattr(output, "pooler_output", output)
+        return torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
+
+    def input_embeddings(self, backbone: nn.Module, batch: EncoderBatch) -> torch.Tensor:
+        embeds = self.text_embeddings(backbone, batch.input_ids)
+        if batch.pixel_values is None:
+            return embeds
+        features = self.image_features(backbone, batch.pixel_values, batch.image_grid_thw)
+        image_mask = batch.input_ids == self.image_token_id
+        if int(image_mask.sum()) != features.shape[0]:
+            raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def language_model(self, backbone: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                       position_ids: torch.Tensor) -> torch.Tensor:
+        output = self.core(backbone).language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return output.last_hidden_state
+
+    def output_rows(self, backbone: nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
+        weight = self.causal_lm(backbone).get_output_embeddings().weight
+        return weight[torch.as_tensor(list(token_ids), device=weight.device)]
+
+
+def _image_size(image) -> tuple[int, int] | None:
+    """(width, height) without decoding pixels; None when the file cannot be read."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    try:
+        with Image.open(image) as handle:
+            return handle.size
+    except (OSError, ValueError):
+        return None

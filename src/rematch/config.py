@@ -1,0 +1,247 @@
+"""Configuration dataclasses: every default of the project lives here, once.
+
+A run is described by one :class:`Config` tree. It can be built in code, read from a
+YAML file (:func:`load_config`) and adjusted with dotted overrides such as
+``model.num_tokens=8`` (:func:`apply_overrides`), which is what the CLI's
+``--model.num_tokens 8`` turns into. Overrides are type-checked against the dataclass
+field types so a typo or a wrong type fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+
+ROLES = ("query", "document")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override names an unknown key or a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    """What defines a ReMatch model: the backbone, the K learnable tokens and how they fuse.
+
+    These fields are written to ``rematch_config.json`` next to the weights, so a saved
+    model always reloads with the settings it was trained with.
+    """
+
+    backbone: str = "tiny"
+    """A Hugging Face hub id or local directory of a Qwen2-VL / Qwen2.5-VL checkpoint, or
+    ``"tiny"`` for a randomly initialised offline model (see ``tiny_size`` and ``tiny_family``)."""
+    tiny_family: str = "qwen2_vl"
+    """Architecture of the offline model when ``backbone == "tiny"``: qwen2_vl or qwen2_5_vl."""
+    tiny_size: str = "tiny"
+    """Size preset of the offline model: tiny (~1M params), small (~6M), base (~20M)."""
+    num_tokens: int = 16
+    """K, the number of learnable embedding tokens appended to every input (0 = none)."""
+    pooling: str = "mean"
+    """How the K final states become one vector: "mean" (ReMatch) or "last" (the last
+    position; with ``num_tokens=0`` this is plain VLM2Vec-style last-token pooling)."""
+    projector_layers: int = 2
+    """Depth of the MLP that maps an embedding back to one soft input token for matching."""
+    min_pixels: int = 56 * 56
+    """Images smaller than this are upscaled (Qwen's smart resize, sides multiples of 28)."""
+    max_pixels: int = 448 * 448
+    """Images larger than this are downscaled; bounds memory and image-token count."""
+    max_text_tokens: int = 512
+    """Text beyond this many tokens is truncated (images and the learnable tokens are kept)."""
+    system_prompt: str = "You are a helpful assistant."
+    """System turn used when an item carries no instruction of its own."""
+    dtype: str = "float32"
+    """Weights' dtype: float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (sdpa or eager; the packed matching
+    forward needs a 4-D mask, which flash-attention does not take)."""
+    seed: int = 0
+    """Seed for the offline backbone and the initial learnable tokens and projector."""
+
+    def validate(self) -> None:
+        if self.num_tokens < 0:
+            raise ConfigError(f"model.num_tokens must be >= 0, got {self.num_tokens}")
+        if self.pooling not in ("mean", "last"):
+            raise ConfigError(f"model.pooling must be 'mean' or 'last', got {self.pooling!r}")
+        if self.num_tokens == 0 and self.pooling == "mean":
+            raise ConfigError("model.num_tokens=0 has no learnable tokens to average: use model.pooling=last")
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"model.min_pixels ({self.min_pixels}) > model.max_pixels ({self.max_pixels})")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.projector_layers < 1:
+            raise ConfigError(f"model.projector_layers must be >= 1, got {self.projector_layers}")
+
+
+@dataclass
+class Config:
+    """The root of a run's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = (),
+                cls: type[T] = Config) -> T:  # type: ignore[assignment]
+    """Build a config from defaults, then a YAML file, then dotted overrides, in that order."""
+    config = cls()
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level of a config file must be a mapping")
+        config = merge_mapping(config, data, where=str(path))
+    config = apply_overrides(config, overrides)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def merge_mapping(config: T, data: Mapping[str, Any], where: str = "config") -> T:
+    """Return a copy of ``config`` with the nested mapping ``data`` applied to it."""
+    flat: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and _is_dataclass_path(config, prefix):
+            for key, sub in value.items():
+                flatten(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            flat[prefix] = value
+
+    flatten("", data)
+    return apply_overrides(config, flat, where=where, parse_strings=False)
+
+
+def apply_overrides(config: T, overrides: Sequence[str] | Mapping[str, Any], where: str = "override",
+                    parse_strings: bool = True) -> T:
+    """Apply ``key.sub=value`` overrides (strings are parsed as YAML scalars) to a copy."""
+    if not isinstance(overrides, Mapping):
+        pairs: dict[str, Any] = {}
+        for text in overrides:
+            if "=" not in text:
+                raise ConfigError(f"{where}: expected key=value, got {text!r}")
+            key, value = text.split("=", 1)
+            pairs[key.strip()] = value
+        overrides = pairs
+    config = _deep_copy(config)
+    for dotted, raw in overrides.items():
+        _set_dotted(config, dotted, raw, where, parse_strings)
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (for YAML/JSON dumps and reports)."""
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Any, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(to_dict(config), handle, sort_keys=False)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
+    """Build ``cls`` from a (possibly nested) dict, rejecting unknown keys."""
+    return merge_mapping(cls(), data, where=where)
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _deep_copy(config: T) -> T:
+    if not dataclasses.is_dataclass(config):
+        return config
+    values = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        values[f.name] = _deep_copy(value) if dataclasses.is_dataclass(value) else (
+            list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value)
+    return type(config)(**values)
+
+
+def _is_dataclass_path(config: Any, dotted: str) -> bool:
+    node = config
+    for part in [p for p in dotted.split(".") if p]:
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return dataclasses.is_dataclass(node)
+
+
+def _set_dotted(config: Any, dotted: str, raw: Any, where: str, parse_strings: bool) -> None:
+    parts = dotted.split(".")
+    node = config
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is not a section, cannot set {dotted}")
+        names = {f.name: f for f in dataclasses.fields(node)}
+        if part not in names:
+            section = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"{where}: unknown key {dotted!r} (known in {section}: {', '.join(sorted(names))})")
+        if depth == len(parts) - 1:
+            hint = typing.get_type_hints(type(node))[part]
+            value = yaml.safe_load(raw) if parse_strings and isinstance(raw, str) else raw
+            setattr(node, part, _coerce(value, hint, dotted, where))
+        else:
+            node = getattr(node, part)
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value for {key}")
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} expects a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return [_coerce(v, item_type, key, where) for v in value]
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {key} expects a mapping, got {value!r}")
+        value_type = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, value_type, key, where) for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {key} expects true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: {key} expects an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} expects a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: {key} expects a string, got {value!r}")
+        return str(value)
+    return value

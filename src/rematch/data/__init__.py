@@ -1,0 +1,1 @@
+"""Data: items, image loading, the built-in shapes world, MMEB readers."""

@@ -1,0 +1,115 @@
+"""Open any image a user may hand us as 8-bit RGB, sized for a Qwen-VL vision tower.
+
+Why here and not in the image processor: real corpora hold grayscale, palette, RGBA,
+16-bit and huge images. Converting and shrinking them with PIL *before* the processor
+keeps memory bounded (a 20k x 20k photo is never turned into a float array) and gives
+every failure a message that names the item and the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from rematch.data.items import ItemError
+
+# Qwen-VL: 14 px patches merged 2 x 2, so image sides are multiples of 28.
+PATCH_FACTOR = 28
+MAX_ASPECT_RATIO = 200
+
+
+class ImageLoadError(ItemError):
+    """An image could not be opened or used; the message names the item and the file."""
+
+
+def open_image(source: str | os.PathLike | Image.Image, where: str = "item 0",
+               draft_pixels: int | None = None) -> Image.Image:
+    """Open ``source`` (a path or a PIL image) and return it as an 8-bit RGB image.
+
+    ``draft_pixels`` lets JPEG files decode at a reduced scale (never below that area),
+    which is what keeps a huge photo from costing gigabytes before it is resized.
+    """
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(f"{where}: image file not found: {path}")
+        try:
+            image = Image.open(path)
+            if draft_pixels and image.format == "JPEG":
+                width, height = image.size
+                scale = math.sqrt(draft_pixels / max(1, width * height))
+                if scale < 1:
+                    image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+            image.load()
+        except Image.DecompressionBombError as error:
+            raise ImageLoadError(f"{where}: image {path} is too large to decode safely ({error})") from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ImageLoadError(f"{where}: cannot read image {path}: {error}") from error
+    try:
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(f"{where}: cannot convert image to RGB: {error}") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: alpha is composited on white, high bit depths rescaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            scaled = values / 65535.0
+        else:  # 32-bit integer or float: stretch the actual range
+            low, high = float(values.min()), float(values.max())
+            scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        gray = np.clip(np.round(scaled * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def target_size(height: int, width: int, min_pixels: int, max_pixels: int,
+                factor: int = PATCH_FACTOR) -> tuple[int, int]:
+    """Qwen's smart resize: sides multiples of ``factor``, area within [min, max], aspect kept."""
+    if min(height, width) <= 0:
+        raise ValueError(f"image has an empty side ({width} x {height})")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.0f} exceeds {MAX_ASPECT_RATIO}")
+    new_h = max(factor, round(height / factor) * factor)
+    new_w = max(factor, round(width / factor) * factor)
+    if new_h * new_w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        new_h = max(factor, math.floor(height / beta / factor) * factor)
+        new_w = max(factor, math.floor(width / beta / factor) * factor)
+    elif new_h * new_w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        new_h = math.ceil(height * beta / factor) * factor
+        new_w = math.ceil(width * beta / factor) * factor
+    return new_h, new_w
+
+
+def load_image_for_model(source: str | os.PathLike | Image.Image, min_pixels: int, max_pixels: int,
+                         where: str = "item 0") -> Image.Image:
+    """Open, convert and resize an image to the exact size the vision tower will see."""
+    image = open_image(source, where, draft_pixels=max_pixels)
+    width, height = image.size
+    try:
+        new_h, new_w = target_size(height, width, min_pixels, max_pixels)
+    except ValueError as error:
+        raise ImageLoadError(f"{where}: unusable image size {width} x {height}: {error}") from error
+    if (new_w, new_h) != (width, height):
+        # reducing_gap lets PIL downsample huge images in cheap integer steps first.
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image

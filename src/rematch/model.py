@@ -1,0 +1,238 @@
+"""ReMatchModel: a Qwen-VL backbone turned into a single-vector multimodal embedder.
+
+Every input ends with K learnable tokens (one set for queries, one for documents);
+their last-layer states e_1..e_K are averaged into the embedding (multi-token embedding
+fusion). With K = 0 and pooling "last" the same code is plain last-token pooling, which
+is how the VLM2Vec-style baseline shares this path. A projector maps an embedding back
+to one soft input token for the generative matching branch, and the LM-head rows of
+"Yes" and "No" score a match without computing the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from rematch.backbones import TORCH_DTYPES, adapter_for, load_backbone
+from rematch.backbones.base import EncoderBatch
+from rematch.config import ROLES, ModelConfig
+from rematch.data.items import Item, ItemLike, as_items
+from rematch.layers import EmbeddingProjector, init_learnable_tokens
+
+
+@dataclass
+class EmbeddingOutput:
+    """What one embedding forward returns."""
+
+    embedding: torch.Tensor
+    """(B, H) float32, L2-normalised: what similarity is computed on."""
+    fused: torch.Tensor
+    """(B, H) the fused vector before normalisation (mean of the K states)."""
+    token_states: torch.Tensor
+    """(B, K, H) the final states at the K learnable positions ((B, 1, H) for K = 0)."""
+
+
+class ReMatchModel(nn.Module):
+    """Backbone + K learnable tokens per role + fusion + projector.
+
+    Build one with :meth:`tiny` (offline, random), :meth:`from_backbone` (a Qwen-VL
+    checkpoint, fresh ReMatch parts) or :meth:`from_pretrained` (a saved ReMatch model).
+    """
+
+    def __init__(self, backbone: nn.Module, processor, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backbone = backbone
+        model_type = self._causal_lm().config.model_type
+        self.adapter = adapter_for(model_type)(processor, config)
+        self.hidden_size = self.adapter.hidden_size(backbone)
+        self.yes_token_id = self.adapter.token_id("Yes")
+        self.no_token_id = self.adapter.token_id("No")
+        embedding_weight = self.adapter.core(backbone).get_input_embeddings().weight
+        special_ids = set(self.adapter.tokenizer.all_special_ids)
+        generator = torch.Generator().manual_seed(config.seed)
+        k = config.num_tokens
+        self.query_tokens = nn.Parameter(init_learnable_tokens(embedding_weight, k, generator, special_ids))
+        self.document_tokens = nn.Parameter(init_learnable_tokens(embedding_weight, k, generator, special_ids))
+        typical_norm = float(embedding_weight.detach().float().norm(dim=-1).median())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.projector = EmbeddingProjector(self.hidden_size, config.projector_layers, typical_norm)
+        self.to(embedding_weight.device)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def tiny(cls, size: str = "tiny", backbone: str = "qwen2_vl", k: int = 16, seed: int = 0,
+             pooling: str | None = None, device: str | torch.device = "cpu", **config_fields) -> "ReMatchModel":
+        """An untrained ReMatch model on a randomly initialised offline backbone (no download)."""
+        config = ModelConfig(backbone="tiny", tiny_family=backbone, tiny_size=size, num_tokens=k, seed=seed,
+                             pooling=pooling or ("mean" if k else "last"), **config_fields)
+        return cls.from_config(config, device=device)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, device: str | torch.device = "cpu") -> "ReMatchModel":
+        """A fresh ReMatch model on the backbone that ``config.backbone`` names."""
+        config.validate()
+        backbone, processor = load_backbone(config, device=device)
+        return cls(backbone, processor, config)
+
+    @classmethod
+    def from_backbone(cls, name_or_path: str | os.PathLike, k: int = 16, pooling: str | None = None,
+                      **config_fields) -> "ReMatchModel":
+        """Fresh ReMatch parts on a Qwen2-VL / Qwen2.5-VL checkpoint (hub id or local directory)."""
+        config = ModelConfig(backbone=str(name_or_path), num_tokens=k, pooling=pooling or ("mean" if k else "last"),
+                             **config_fields)
+        return cls.from_config(config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        **expected) -> "ReMatchModel":
+        """Load a directory written by :meth:`save_pretrained`.
+
+        Keyword arguments are expectations checked against the saved configuration
+        (e.g. ``num_tokens=16``): a mismatch is an error, never a silent re-initialisation.
+        A directory holding only a Qwen-VL checkpoint gets fresh ReMatch parts instead.
+        """
+        from rematch.serialization import load_rematch_model
+
+        model = load_rematch_model(cls, Path(path), expected)
+        return model.to(device) if device is not None else model
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write backbone (or PEFT adapter), processor, learnable tokens, projector and config, atomically."""
+        from rematch.serialization import save_rematch_model
+
+        save_rematch_model(self, Path(path))
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return self.adapter.core(self.backbone).get_input_embeddings().weight.dtype
+
+    @property
+    def processor(self):
+        return self.adapter.processor
+
+    def _causal_lm(self) -> nn.Module:
+        backbone = self.backbone
+        return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+    def role_tokens(self, role: str) -> torch.Tensor:
+        if role == "query":
+            return self.query_tokens
+        if role == "document":
+            return self.document_tokens
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+
+    # ------------------------------------------------------------------ embedding path
+
+    def prepare(self, items: Sequence[ItemLike], role: str = "query", where: str = "item",
+                indices: Sequence[int] | None = None) -> EncoderBatch:
+        """Items -> a padded batch on the CPU (cheap to run in DataLoader workers)."""
+        self.role_tokens(role)  # validates the role
+        return self.adapter.prepare(as_items(items, where), self.num_tokens, where=where, indices=indices)
+
+    def embed(self, batch: EncoderBatch, role: str) -> EmbeddingOutput:
+        """One differentiable embedding forward."""
+        batch = batch.to(self.device)
+        embeds = self.adapter.input_embeddings(self.backbone, batch)
+        k = batch.num_slots
+        if k != self.num_tokens:
+            raise ValueError(f"batch was prepared with {k} slots but the model has K={self.num_tokens}")
+        if k:
+            tokens = self.role_tokens(role).to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            embeds = torch.cat([embeds[:, :-k], tokens], dim=1)
+        hidden = self.adapter.language_model(self.backbone, embeds, batch.attention_mask, batch.position_ids)
+        states = hidden[:, -k:] if k else hidden[:, -1:]
+        fused = states.mean(dim=1) if self.config.pooling == "mean" else states[:, -1]
+        embedding = F.normalize(fused.float(), dim=-1)
+        return EmbeddingOutput(embedding=embedding, fused=fused, token_states=states)
+
+    def forward(self, batch: EncoderBatch, role: str = "query") -> EmbeddingOutput:
+        return self.embed(batch, role)
+
+    @torch.inference_mode()
+    def encode(self, items: Iterable[ItemLike], role: str = "query", batch_size: int = 16,
+               show_progress: bool = False, normalize: bool = True) -> np.ndarray:
+        """Embed items -> float32 array (n, H), rows L2-normalised unless ``normalize=False``.
+
+        Items are sorted by length internally so batches carry little padding; rows come
+        back in input order.
+        """
+        items = as_items(list(items))
+        self.role_tokens(role)
+        output = np.zeros((len(items), self.hidden_size), dtype=np.float32)
+        if not items:
+            return output
+        order = sorted(range(len(items)), key=lambda i: -self.adapter.estimate_length(items[i]))
+        was_training = self.training
+        self.eval()
+        try:
+            batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+            for indices in tqdm(batches, disable=not show_progress, desc=f"encode {role}s", unit="batch"):
+                batch = self.adapter.prepare([items[i] for i in indices], self.num_tokens, indices=indices)
+                result = self.embed(batch, role)
+                vectors = result.embedding if normalize else result.fused.float()
+                if not torch.isfinite(vectors).all():
+                    raise FloatingPointError(f"non-finite embedding for item(s) {indices}")
+                output[indices] = vectors.cpu().numpy()
+        finally:
+            self.train(was_training)
+        return output
+
+    # ------------------------------------------------------------------ matching pieces
+
+    def project(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, H) -> soft input tokens (B, H) in the backbone's dtype."""
+        return self.projector(embedding.float()).to(self.backbone_dtype)
+
+    def answer_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, H) final states -> (N, 2) logits of ["Yes", "No"] from just those two LM-head rows."""
+        rows = self.adapter.output_rows(self.backbone, [self.yes_token_id, self.no_token_id])
+        return hidden.to(rows.dtype) @ rows.T
+
+    # ------------------------------------------------------------------ fine-tuning helpers
+
+    def enable_lora(self, r: int = 32, alpha: int = 64, dropout: float = 0.05, use_dora: bool = False,
+                    target_modules: str | Sequence[str] | None = None) -> None:
+        """Wrap the language model's linear layers with PEFT LoRA/DoRA adapters.
+
+        The vision tower and the base weights freeze; the learnable tokens and the
+        projector stay trainable (they are not part of the backbone).
+        """
+        from peft import LoraConfig, get_peft_model
+
+        if hasattr(self.backbone, "peft_config"):
+            raise RuntimeError("LoRA is already enabled on this model")
+        target = target_modules or (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_dora=use_dora,
+                          target_modules=target, bias="none")
+        self.backbone = get_peft_model(self.backbone, lora)
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def to_dtype(self, dtype: str) -> "ReMatchModel":
+        """Cast the backbone (the ReMatch parts stay float32 and are cast where used)."""
+        self.backbone.to(TORCH_DTYPES[dtype])
+        self.config.dtype = dtype
+        return self

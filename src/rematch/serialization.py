@@ -1,0 +1,250 @@
+"""Saving and loading ReMatch model directories.
+
+Layout of a saved model (a directory that is also a valid Hugging Face checkpoint)::
+
+    config.json, model*.safetensors     the backbone              (full fine-tuning)
+    adapter_config.json, adapter_model.safetensors   or a PEFT adapter + base reference
+    tokenizer*.json, preprocessor_config.json        the processor
+    rematch_heads.safetensors           learnable tokens (query, document) and projector
+    rematch_config.json                 ModelConfig + the facts loading must check
+
+Directories are written to a temporary sibling and renamed into place, so a crash
+never leaves a half-written model where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rematch.backbones import MODEL_CLASSES, TORCH_DTYPES, load_backbone, load_pretrained_backbone
+from rematch.backbones.processor import ImageOnlyQwenVLProcessor
+from rematch.config import ROLES, ModelConfig, from_dict
+
+CONFIG_NAME = "rematch_config.json"
+HEADS_NAME = "rematch_heads.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A saved model does not match what the caller asked for or what its files hold."""
+
+
+# ---------------------------------------------------------------------------- atomic writes
+
+
+def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp_dir)`` then move the finished directory to ``target`` in one rename.
+
+    An existing ``target`` is moved aside first and deleted only after the new one is in
+    place, so at every instant either the old or the new complete directory exists.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A cheap identity of a module's weights: names, shapes and a strided sample of values.
+
+    Used to refuse loading a LoRA adapter onto a base model other than the one it was
+    trained on (a silent source of garbage embeddings otherwise).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(sample.numpy().round(5).tobytes())
+    return digest.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def save_rematch_model(model, path: Path) -> None:
+    backbone = model.backbone
+    is_peft = hasattr(backbone, "peft_config")
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(model.config),
+        "model_type": model._causal_lm().config.model_type,
+        "hidden_size": model.hidden_size,
+        "num_tokens": model.num_tokens,
+        "roles": list(ROLES),
+        "peft": is_peft,
+    }
+    if is_peft:
+        meta["base_fingerprint"] = weights_fingerprint(base_state_dict(backbone.get_base_model()))
+    heads = {
+        "query_tokens": model.query_tokens.detach().float().cpu().contiguous(),
+        "document_tokens": model.document_tokens.detach().float().cpu().contiguous(),
+    }
+    heads.update({f"projector.{k}": v.detach().float().cpu().contiguous()
+                  for k, v in model.projector.state_dict().items()})
+
+    def write(directory: Path) -> None:
+        backbone.save_pretrained(directory)
+        model.processor.save_pretrained(directory)
+        save_file(heads, str(directory / HEADS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    write_directory_atomically(path, write)
+
+
+def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base weights of a (possibly LoRA-injected) model, under their original names."""
+    result = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name or "lora_magnitude_vector" in name:
+            continue
+        result[name.replace(".base_layer.", ".")] = tensor
+    return result
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def read_rematch_meta(path: Path) -> dict[str, Any] | None:
+    config_file = Path(path) / CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    try:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CheckpointMismatchError(f"{config_file}: not valid JSON ({error})") from error
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{config_file}: format_version {version!r} is not supported "
+                                      f"(this rematch reads version {FORMAT_VERSION})")
+    return meta
+
+
+def load_rematch_model(cls, path: Path, expected: Mapping[str, Any]):
+    if not path.exists() and not _looks_like_hub_id(str(path)):
+        raise FileNotFoundError(f"no model directory at {path}")
+    meta = read_rematch_meta(path) if path.exists() else None
+    if meta is None:  # a bare backbone checkpoint: fresh ReMatch parts
+        fields = {k: v for k, v in expected.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+        fields.setdefault("pooling", "mean" if fields.get("num_tokens", 16) else "last")
+        config = ModelConfig(backbone=str(path), **fields)
+        return cls.from_config(config)
+
+    config = from_dict(ModelConfig, meta["model"], where=str(path / CONFIG_NAME))
+    _check_expectations(path, config, meta, expected)
+    config = dataclasses.replace(config, **{k: v for k, v in expected.items()
+                                            if k in ("dtype", "attn_implementation")})
+    if meta.get("peft"):
+        backbone, _ = _load_peft_backbone(path, config, meta)
+    else:
+        model_class = MODEL_CLASSES.get(meta["model_type"])
+        if model_class is None:
+            raise CheckpointMismatchError(f"{path}: unsupported backbone type {meta['model_type']!r}")
+        backbone = model_class.from_pretrained(path, dtype=TORCH_DTYPES[config.dtype],
+                                               attn_implementation=config.attn_implementation).eval()
+    processor = ImageOnlyQwenVLProcessor.from_pretrained(path)
+    model = cls(backbone, processor, config)
+    if model.hidden_size != meta["hidden_size"]:
+        raise CheckpointMismatchError(f"{path}: {CONFIG_NAME} says hidden size {meta['hidden_size']} but the "
+                                      f"backbone has {model.hidden_size}")
+    _load_heads(model, path)
+    return model
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/"))
+
+
+def _check_expectations(path: Path, config: ModelConfig, meta: Mapping[str, Any],
+                        expected: Mapping[str, Any]) -> None:
+    aliases = {"k": "num_tokens"}
+    for key, value in expected.items():
+        key = aliases.get(key, key)
+        if key in ("dtype", "attn_implementation"):
+            continue
+        if key == "hidden_size":
+            saved = meta["hidden_size"]
+        elif key == "roles":
+            saved = meta.get("roles")
+            value = list(value)
+        elif hasattr(config, key):
+            saved = getattr(config, key)
+        else:
+            raise TypeError(f"from_pretrained() got an unexpected keyword argument {key!r}")
+        if saved != value:
+            raise CheckpointMismatchError(
+                f"{path} was saved with {key}={saved!r}, but {key}={value!r} was requested; "
+                f"load it without {key}= or point to a model saved with {key}={value!r}")
+    if meta.get("roles") != list(ROLES):
+        raise CheckpointMismatchError(f"{path}: saved roles {meta.get('roles')} differ from {list(ROLES)}")
+
+
+def _load_peft_backbone(path: Path, config: ModelConfig, meta: Mapping[str, Any]):
+    from peft import PeftModel
+
+    adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.backbone == "tiny":
+        base, processor = load_backbone(config)
+    else:
+        base_reference = config.backbone or adapter_config.get("base_model_name_or_path")
+        base, processor = load_pretrained_backbone(base_reference, config)
+    fingerprint = weights_fingerprint(base.state_dict())
+    if meta.get("base_fingerprint") and fingerprint != meta["base_fingerprint"]:
+        raise CheckpointMismatchError(
+            f"{path}: the LoRA adapter was trained on a different base model than {config.backbone!r} "
+            f"(weights fingerprint {fingerprint} != saved {meta['base_fingerprint']})")
+    return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval(), processor
+
+
+def _load_heads(model, path: Path) -> None:
+    heads_file = path / HEADS_NAME
+    if not heads_file.is_file():
+        raise CheckpointMismatchError(f"{path}: {HEADS_NAME} is missing")
+    tensors = load_file(str(heads_file))
+    expected_shapes = {"query_tokens": tuple(model.query_tokens.shape),
+                       "document_tokens": tuple(model.document_tokens.shape)}
+    expected_shapes.update({f"projector.{k}": tuple(v.shape) for k, v in model.projector.state_dict().items()})
+    missing = sorted(set(expected_shapes) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected_shapes))
+    if missing or unexpected:
+        raise CheckpointMismatchError(f"{heads_file}: missing tensors {missing}, unexpected {unexpected}")
+    for name, shape in expected_shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointMismatchError(f"{heads_file}: {name} has shape {tuple(tensors[name].shape)}, "
+                                          f"the configuration implies {shape}")
+    with torch.no_grad():
+        model.query_tokens.copy_(tensors["query_tokens"])
+        model.document_tokens.copy_(tensors["document_tokens"])
+        model.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items()
+                                         if k.startswith("projector.")})

@@ -1,0 +1,38 @@
+"""The rematch command line, run in-process through its real entry point."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from rematch import ReMatchModel
+from rematch.cli import main
+
+
+def test_tiny_then_encode_then_info(tmp_path, image_files, capsys):
+    model_dir = tmp_path / "model"
+    assert main(["tiny", "--out", str(model_dir), "--k", "4"]) == 0
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps(row) for row in [
+        {"id": "a", "text": "a large red circle"},
+        {"id": "b", "image": image_files["rgb"], "text": "Represent the given image."},
+    ]) + "\n")
+    out = tmp_path / "vectors.npy"
+    assert main(["encode", "--model", str(model_dir), "--input", str(items), "--role", "document",
+                 "--out", str(out)]) == 0
+    vectors = np.load(out)
+    expected = ReMatchModel.from_pretrained(model_dir).encode(
+        [{"text": "a large red circle"}, {"image": image_files["rgb"], "text": "Represent the given image."}],
+        role="document")
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    assert main(["info", str(model_dir)]) == 0
+    assert '"num_tokens": 4' in capsys.readouterr().out
+
+
+def test_demo_prints_a_similarity_table(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "a large red circle" in printed and "img3" in printed
+    similarity = np.load(tmp_path / "similarity.npy")
+    assert similarity.shape == (4, 4) and np.isfinite(similarity).all()
