@@ -228,6 +228,21 @@ class ReMatchModel(nn.Module):
                           target_modules=target, bias="none")
         self.backbone = get_peft_model(self.backbone, lora)
 
+    def fingerprint(self) -> str:
+        """A short identity of this model's configuration and current weights.
+
+        Indexes and embedding caches store it, so vectors from one model are never mixed
+        with (or searched by) another. Cheap: it hashes a strided sample of every tensor.
+        """
+        import dataclasses
+        import hashlib
+
+        from rematch.serialization import weights_fingerprint
+
+        weights = weights_fingerprint(self.state_dict())
+        config = repr(sorted(dataclasses.asdict(self.config).items()))
+        return hashlib.sha256(f"{config}|{weights}".encode()).hexdigest()[:24]
+
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 

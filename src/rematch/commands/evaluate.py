@@ -1,0 +1,7 @@
+"""``rematch evaluate ...`` commands (not implemented yet)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    """No commands yet."""

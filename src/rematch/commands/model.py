@@ -1,0 +1,62 @@
+"""``rematch tiny | encode | info``: create, use and inspect models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rematch.commands.common import load_model, read_jsonl
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from rematch import ReMatchModel
+
+    model = ReMatchModel.tiny(size=args.size, backbone=args.backbone, k=args.k, seed=args.seed)
+    model.save_pretrained(args.out)
+    print(f"saved an untrained {args.backbone}/{args.size} ReMatch model (K={args.k}) to {args.out}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from rematch.data.items import as_items
+
+    items = as_items(read_jsonl(args.input), where=f"{args.input} row")
+    model = load_model(args.model, args.device)
+    vectors = model.encode(items, role=args.role, batch_size=args.batch_size, show_progress=True)
+    np.save(args.out, vectors)
+    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rematch.serialization import CONFIG_NAME
+
+    meta = json.loads((Path(args.model) / CONFIG_NAME).read_text(encoding="utf-8"))
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    tiny = sub.add_parser("tiny", help="save an untrained offline tiny ReMatch model")
+    tiny.add_argument("--out", required=True)
+    tiny.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
+    tiny.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    tiny.add_argument("--k", type=int, default=16)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny)
+
+    encode = sub.add_parser("encode", help="embed the items of a jsonl file into a .npy array")
+    encode.add_argument("--model", required=True, help="model directory, hub id, or tiny[:size[:family]]")
+    encode.add_argument("--input", required=True, help="jsonl with text / image / instruction fields")
+    encode.add_argument("--role", default="query", choices=["query", "document"])
+    encode.add_argument("--out", required=True, help="output .npy path")
+    encode.add_argument("--batch-size", type=int, default=16)
+    encode.add_argument("--device", default=None)
+    encode.set_defaults(func=cmd_encode)
+
+    info = sub.add_parser("info", help="print a saved model's rematch_config.json")
+    info.add_argument("model")
+    info.set_defaults(func=cmd_info)
