@@ -64,6 +64,8 @@ class ModelConfig:
     forward needs a 4-D mask, which flash-attention does not take)."""
     seed: int = 0
     """Seed for the offline backbone and the initial learnable tokens and projector."""
+    matching_instruction: str = "Does the document match the query? Answer only Yes or No."
+    """The user instruction of the generative matching branch (training and reranking)."""
 
     def validate(self) -> None:
         if self.num_tokens < 0:
@@ -81,13 +83,114 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where training pairs come from.
+
+    ``source`` is a local MMEB-style root (``ROOT/<Subset>/<split>.jsonl|parquet``), a
+    Hugging Face dataset id (e.g. ``TIGER-Lab/MMEB-train``), a plain jsonl/csv file in the
+    MMEB-train schema, or ``builtin`` for the shapes world generated into the run directory.
+    """
+
+    source: str = "builtin"
+    subsets: list[str] = field(default_factory=list)
+    """Subsets to train on (empty: every subset found)."""
+    split: str = "train"
+    image_root: str | None = None
+    """Directory image paths are relative to (default: the source root)."""
+    caps: dict[str, int] = field(default_factory=dict)
+    """Per-subset maximum number of rows."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Per-subset mixing weights (default: proportional to size)."""
+    skip_bad: bool = False
+    """Skip (and count) bad rows instead of stopping at the first one."""
+    num_workers: int = 0
+    """DataLoader worker processes preparing batches (image loading, tokenisation)."""
+    builtin_train_rows: int = 2000
+    """Rows of the built-in shapes world to generate when ``source == "builtin"``."""
+    builtin_seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Weights of the three loss terms (0 switches a term off) and the contrastive temperature."""
+
+    temperature: float = 0.02
+    contrastive: float = 1.0
+    orthogonality: float = 0.5
+    matching: float = 0.1
+    matching_samples: int = 0
+    """Samples per step that also run the matching branch (0 = the whole batch). Matching a
+    sub-batch bounds its cost; the choice is random through the shuffled data order."""
+    in_batch_negatives: bool = True
+    """For rows without a hard negative, match against the most similar other positive."""
+
+
+@dataclass
+class LoraSettings:
+    """PEFT adapters on the language model (paper: LoRA r=32, alpha=64)."""
+
+    enabled: bool = True
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    dora: bool = False
+    target_modules: str | None = None
+    """Regex of module names (default: every attention and MLP projection of the language model)."""
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to optimise."""
+
+    out: str = "runs/rematch"
+    steps: int = 300
+    batch_size: int = 8
+    """Samples per process per step (the global batch is batch_size x processes)."""
+    lr: float = 1e-4
+    head_lr: float | None = None
+    """Learning rate of the learnable tokens and projector (default: lr)."""
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"
+    """no, bf16 or fp16 (accelerate's autocast)."""
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = True
+    """Keep the vision tower frozen during full fine-tuning (LoRA never touches it)."""
+    log_every: int = 1
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    resume: bool = False
+    """Continue from the newest complete checkpoint in ``out``."""
+    plot: bool = True
+
+
+@dataclass
 class Config:
     """The root of a run's configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
         self.model.validate()
+        if self.train.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
+        if self.train.batch_size < 2 and self.loss.contrastive:
+            raise ConfigError("train.batch_size must be >= 2 for a contrastive loss")
+        if self.train.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.train.mixed_precision!r}")
+        if self.loss.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.loss.temperature}")
+        for name in ("contrastive", "orthogonality", "matching"):
+            if getattr(self.loss, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0")
 
 
 # --------------------------------------------------------------------------- loading

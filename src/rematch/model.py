@@ -154,7 +154,8 @@ class ReMatchModel(nn.Module):
     def embed(self, batch: EncoderBatch, role: str) -> EmbeddingOutput:
         """One differentiable embedding forward."""
         batch = batch.to(self.device)
-        embeds = self.adapter.input_embeddings(self.backbone, batch)
+        embeds = self.adapter.input_embeddings(self.backbone, batch.input_ids, batch.pixel_values,
+                                               batch.image_grid_thw)
         k = batch.num_slots
         if k != self.num_tokens:
             raise ValueError(f"batch was prepared with {k} slots but the model has K={self.num_tokens}")

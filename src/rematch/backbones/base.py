@@ -49,6 +49,17 @@ class EncoderBatch:
         return EncoderBatch(**moved)
 
 
+@dataclass
+class TokenizedBlocks:
+    """Separately tokenised text blocks and the processed images they mention."""
+
+    input_ids: list[list[int]]
+    token_types: list[list[int]]  # 0 text, 1 image token
+    image_grids: list[list[int]]  # (t, h, w) per image, in order
+    pixel_values: torch.Tensor | None  # all images' patches, in order
+    patches_per_image: list[int]
+
+
 class BackboneAdapter(ABC):
     """Turns items into backbone inputs and runs the pieces of one MLLM family."""
 
@@ -74,6 +85,36 @@ class BackboneAdapter(ABC):
         default: position in this batch).
         """
 
+    # ----------------------------------------------------------------- blocks (matching)
+    # The packed matching sequence is assembled from separately tokenised blocks; these
+    # give the family's chat pieces and tokenise blocks with their images.
+
+    @abstractmethod
+    def content_text(self, item: Item) -> str:
+        """An item's text with its image marked in the family's format (no chat wrapper)."""
+
+    @abstractmethod
+    def chat_prefix(self, system: str) -> str:
+        """Text that opens a chat up to the start of the user's content."""
+
+    @abstractmethod
+    def answer_prefix(self) -> str:
+        """Text that closes the user turn and opens the assistant's answer."""
+
+    @property
+    @abstractmethod
+    def soft_token(self) -> str:
+        """A special token whose embedding is replaced by a soft (projected) token."""
+
+    @abstractmethod
+    def tokenize_blocks(self, texts: Sequence[str], images: Sequence) -> "TokenizedBlocks":
+        """Tokenise texts with the given images (in order of their image marks), unpadded."""
+
+    @abstractmethod
+    def block_positions(self, token_types: Sequence[int], image_grids: Sequence[Sequence[int]],
+                        start: int) -> tuple[torch.Tensor, int]:
+        """(3, n) position ids of one block starting at ``start``, and the next free position."""
+
     @abstractmethod
     def estimate_length(self, item: Item) -> int:
         """A cheap guess of an item's token count, used to sort items into tight batches."""
@@ -89,7 +130,8 @@ class BackboneAdapter(ABC):
         """Width of the language model's hidden states (= its input embeddings)."""
 
     @abstractmethod
-    def input_embeddings(self, backbone: nn.Module, batch: EncoderBatch) -> torch.Tensor:
+    def input_embeddings(self, backbone: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                         image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the vision tower's outputs placed at image tokens: (B, L, H)."""
 
     @abstractmethod

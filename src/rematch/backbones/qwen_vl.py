@@ -21,13 +21,14 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from rematch.backbones.base import BackboneAdapter, EncoderBatch
+from rematch.backbones.base import BackboneAdapter, EncoderBatch, TokenizedBlocks
 from rematch.config import ModelConfig
 from rematch.data.images import load_image_for_model, target_size
 from rematch.data.items import IMAGE_PLACEHOLDER, Item, ItemError
 
 VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
-SLOT_TOKEN = "<|endoftext|>"
+SLOT_TOKEN = "<|endoftext|>"  # filler id at the K learnable positions (replaced by the learned vectors)
+SOFT_TOKEN = "<|vision_pad|>"  # filler id where the matching sequence takes a projected embedding
 
 
 def mrope_positions(token_types: Iterable[int], image_grids: Iterable[Sequence[int]], spatial_merge: int,
@@ -80,17 +81,47 @@ class QwenVLAdapter(BackboneAdapter):
             raise ValueError(f"{text!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
         return ids[0]
 
-    def format_item(self, item: Item, num_slots: int) -> str:
-        """The chat-formatted text of one item, image marked by one ``<|image_pad|>``."""
+    def content_text(self, item: Item) -> str:
+        """Item text (truncated) with its image marked by one ``<|image_pad|>`` vision block."""
         text = self._truncate(item.text or "")
         if item.image is not None:
             if IMAGE_PLACEHOLDER.search(text):
                 text = IMAGE_PLACEHOLDER.sub(VISION_BLOCK, text, count=1)
             else:
                 text = VISION_BLOCK + text
+        return text
+
+    def chat_prefix(self, system: str) -> str:
+        return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+
+    def answer_prefix(self) -> str:
+        return "<|im_end|>\n<|im_start|>assistant\n"
+
+    @property
+    def soft_token(self) -> str:
+        return SOFT_TOKEN
+
+    def format_item(self, item: Item, num_slots: int) -> str:
+        """The chat-formatted text of one item, image marked by one ``<|image_pad|>``."""
         system = item.instruction if item.instruction else self.config.system_prompt
-        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n"
-                f"<|im_start|>assistant\n" + SLOT_TOKEN * num_slots)
+        return self.chat_prefix(system) + self.content_text(item) + self.answer_prefix() + SLOT_TOKEN * num_slots
+
+    def tokenize_blocks(self, texts: Sequence[str], images: Sequence) -> TokenizedBlocks:
+        encoded = self.processor(text=list(texts), images=list(images) or None, padding=False,
+                                 return_mm_token_type_ids=True)
+        grids = [list(map(int, grid)) for grid in encoded.get("image_grid_thw", [])]
+        pixel_values = encoded.get("pixel_values")
+        return TokenizedBlocks(
+            input_ids=[list(ids) for ids in encoded["input_ids"]],
+            token_types=[list(types) for types in encoded["mm_token_type_ids"]],
+            image_grids=grids,
+            pixel_values=None if pixel_values is None else torch.as_tensor(pixel_values),
+            patches_per_image=[t * h * w for t, h, w in grids],
+        )
+
+    def block_positions(self, token_types: Sequence[int], image_grids: Sequence[Sequence[int]],
+                        start: int) -> tuple[torch.Tensor, int]:
+        return mrope_positions(token_types, image_grids, self.spatial_merge, start)
 
     def load_images(self, items: Sequence[Item], where: str, indices: Sequence[int]) -> list:
         return [load_image_for_model(item.image, self.config.min_pixels, self.config.max_pixels,
@@ -172,12 +203,13 @@ class QwenVLAdapter(BackboneAdapter):
         features = getattr(output, "pooler_output", output)
         return torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
 
-    def input_embeddings(self, backbone: nn.Module, batch: EncoderBatch) -> torch.Tensor:
-        embeds = self.text_embeddings(backbone, batch.input_ids)
-        if batch.pixel_values is None:
+    def input_embeddings(self, backbone: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                         image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.text_embeddings(backbone, input_ids)
+        if pixel_values is None:
             return embeds
-        features = self.image_features(backbone, batch.pixel_values, batch.image_grid_thw)
-        image_mask = batch.input_ids == self.image_token_id
+        features = self.image_features(backbone, pixel_values, image_grid_thw)
+        image_mask = input_ids == self.image_token_id
         if int(image_mask.sum()) != features.shape[0]:
             raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))

@@ -1,0 +1,123 @@
+"""The packed multi-view matching forward equals the pair-by-pair reference and leaks nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rematch import Item, ReMatchModel
+from rematch.data.synthetic import Scene, ShapeObject, render
+from rematch.matching import (
+    MatchSample,
+    build_packed_batch,
+    build_reference_batch,
+    document_blocks,
+    match_logits,
+    view_pairs,
+    QUERY_RAW,
+    QUERY_SOFT,
+)
+
+INSTRUCTION = "Does the document match the query? Answer only Yes or No."
+
+
+def scene_image(colour: str, shape: str = "circle"):
+    return render(Scene((ShapeObject(colour, shape, "large", 0.5, 0.5),)))
+
+
+def samples(second_doc_colour: str = "blue") -> list[MatchSample]:
+    return [
+        MatchSample(Item(text="a large red circle", instruction="Find me an everyday image that matches"),
+                    (Item(image=scene_image("red")), Item(image=scene_image(second_doc_colour),
+                                                          text="Represent the given image.")),
+                    (True, False)),
+        MatchSample(Item(text="<|image_1|> What colour is the circle?", image=scene_image("green")),
+                    (Item(text="purple"), Item(text="green")), (False, True)),
+    ]
+
+
+def logits_of(model, batch, soft):
+    with torch.no_grad():
+        return match_logits(model, batch, soft)
+
+
+def soft_table(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(6, model.hidden_size, generator=generator), dim=-1)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_model_25"])
+def test_packed_equals_reference_with_images(request, fixture):
+    model = request.getfixturevalue(fixture)
+    packed = build_packed_batch(model.adapter, samples(), model.config.system_prompt, INSTRUCTION)
+    reference = build_reference_batch(model.adapter, samples(), model.config.system_prompt, INSTRUCTION)
+    assert packed.input_ids.shape[0] == 2 and reference.input_ids.shape[0] == 16
+    assert packed.pixel_values is not None and packed.image_grid_thw.shape[0] == 3
+    soft = soft_table(model)
+    difference = (logits_of(model, packed, soft) - logits_of(model, reference, soft)).abs().max()
+    assert difference < 1e-4
+    torch.testing.assert_close(packed.labels, reference.labels)
+
+
+def test_labels_follow_the_relevant_document():
+    pairs = view_pairs(2)
+    assert len(pairs) == 8
+    assert pairs[0] == (QUERY_RAW, document_blocks(0)[0]) and pairs[-1] == (QUERY_SOFT, document_blocks(1)[1])
+    model = ReMatchModel.tiny(k=2)
+    batch = build_packed_batch(model.adapter, samples(), model.config.system_prompt, INSTRUCTION)
+    # sample 0: document 0 relevant -> its 4 pairs say Yes (0); sample 1: document 1 relevant
+    assert batch.labels.view(2, 8).tolist() == [[0, 0, 1, 1, 0, 0, 1, 1], [1, 1, 0, 0, 1, 1, 0, 0]]
+
+
+def test_an_answer_does_not_see_other_pairs_views(tiny_model):
+    """Perturb document 1's raw image (same size, other colour) and its soft token: only the
+    pairs that contain that view may move."""
+    model = tiny_model
+    system = model.config.system_prompt
+    base = build_packed_batch(model.adapter, samples("blue"), system, INSTRUCTION)
+    changed_pixels = build_packed_batch(model.adapter, samples("yellow"), system, INSTRUCTION)
+    assert torch.equal(base.input_ids, changed_pixels.input_ids)  # same tokens, other pixels
+    assert not torch.equal(base.pixel_values, changed_pixels.pixel_values)
+    soft = soft_table(model)
+    reference = logits_of(model, base, soft)[0]
+    moved = (logits_of(model, changed_pixels, soft)[0] - reference).abs().amax(dim=-1)
+    pairs = view_pairs(2)
+    raw_doc1 = document_blocks(1)[0]
+    for p, (_, doc_view) in enumerate(pairs):
+        if doc_view == raw_doc1:
+            assert moved[p] > 1e-4, f"pair {p} sees document 1's raw view but did not react"
+        else:
+            assert moved[p] < 1e-6, f"pair {p} moved although it must not see document 1's raw view"
+
+    soft_changed = soft.clone()
+    soft_changed[2] = torch.nn.functional.normalize(torch.randn(model.hidden_size), dim=0)  # sample 0, document 1
+    moved = (logits_of(model, base, soft_changed)[0] - reference).abs().amax(dim=-1)
+    soft_doc1 = document_blocks(1)[1]
+    for p, (_, doc_view) in enumerate(pairs):
+        assert (moved[p] > 1e-4) == (doc_view == soft_doc1), f"pair {p}"
+    # the second sample lives in another row and is untouched by either change
+    torch.testing.assert_close(logits_of(model, base, soft_changed)[1], logits_of(model, base, soft)[1])
+
+
+def test_eager_and_sdpa_masks_agree(tiny_model):
+    batch = build_packed_batch(tiny_model.adapter, samples(), tiny_model.config.system_prompt, INSTRUCTION)
+    soft = soft_table(tiny_model)
+    sdpa = logits_of(tiny_model, batch, soft)
+    eager_model = ReMatchModel.tiny(seed=0, attn_implementation="eager")
+    torch.testing.assert_close(logits_of(eager_model, batch, soft), sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_matching_gradient_reaches_embeddings_and_projector():
+    model = ReMatchModel.tiny(k=2, seed=1)
+    batch = build_packed_batch(model.adapter, samples(), model.config.system_prompt, INSTRUCTION)
+    embeddings = soft_table(model).requires_grad_(True)
+    logits = match_logits(model, batch, embeddings)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 2), batch.labels).backward()
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+    assert model.projector.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_samples_must_have_the_same_number_of_documents(tiny_model):
+    uneven = [samples()[0], MatchSample(Item(text="q"), (Item(text="d"),), (True,))]
+    with pytest.raises(ValueError, match="same, non-zero number of documents"):
+        build_packed_batch(tiny_model.adapter, uneven, "s", INSTRUCTION)
