@@ -1,7 +1,57 @@
-"""``rematch data ...`` commands (not implemented yet)."""
+"""``rematch data check | synth``: validate MMEB-layout data; write the built-in shapes world."""
 
 from __future__ import annotations
 
+import argparse
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from rematch.data.check import check_dataset, format_check
+
+    results = check_dataset(args.root, image_root=args.image_root, split=args.split,
+                            decode_images=not args.no_decode,
+                            strip_orphan_placeholders=args.strip_orphan_placeholders,
+                            max_examples=args.examples)
+    print(format_check(results))
+    return 0 if all(result.ok for result in results) else 1
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import json
+
+    from rematch.data.shapes_tasks import write_shapes_dataset
+
+    out = write_shapes_dataset(args.out, train_rows=args.train_rows, eval_queries=args.eval_queries, seed=args.seed,
+                               num_candidates=args.candidates, fmt=args.format, image_size=args.image_size)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    for subset, counts in manifest["subsets"].items():
+        print(f"{subset:<14} {counts['meta_task']:<15} train {counts['train']:>7}  test {counts['test']:>6}")
+    print(f"wrote the shapes world to {out} ({manifest['images']} images, {manifest['seconds']} s); "
+          f"check it with: rematch data check {out}")
+    return 0
+
 
 def register(sub) -> None:
-    """No commands yet."""
+    data = sub.add_parser("data", help="check MMEB-layout data; write the built-in shapes world")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    check = commands.add_parser("check", help="report bad rows per subset (exit 1 if any)")
+    check.add_argument("root", help="dataset root (ROOT/<Subset>/<split>.jsonl|parquet|csv) or one file")
+    check.add_argument("--image-root", default=None, help="directory image paths are relative to (default: ROOT)")
+    check.add_argument("--split", default="all", help="split to check: train, test, original, ... or all")
+    check.add_argument("--no-decode", action="store_true",
+                       help="only check that image files exist, do not decode them (faster)")
+    check.add_argument("--strip-orphan-placeholders", action="store_true",
+                       help="treat <|image_1|> without an image as a repair (counted), not an error")
+    check.add_argument("--examples", type=int, default=3, help="offending rows to show per problem")
+    check.set_defaults(func=cmd_check)
+
+    synth = commands.add_parser("synth", help="write the shapes world in MMEB-train / MMEB-eval layout")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--train-rows", type=int, default=10_000)
+    synth.add_argument("--eval-queries", type=int, default=200, help="evaluation queries per subset")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--candidates", type=int, default=100, help="candidates per evaluation query")
+    synth.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
+    synth.add_argument("--image-size", type=int, default=112, help="side of the square images in pixels")
+    synth.set_defaults(func=cmd_synth)

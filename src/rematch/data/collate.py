@@ -1,0 +1,144 @@
+"""Training batches: (query, positive, hard negative) examples -> padded model inputs.
+
+Images are opened here, in the collate step (so in DataLoader workers when there are
+any), not when rows are read. An image that turns out to be unreadable is therefore first
+seen here, and the collator applies the same bad-row policy as the readers: raise a
+:class:`~rematch.data.validation.DataError` naming the row and the field, or -- with
+``skip_bad`` -- drop that example from the batch and count it in the shared report.
+
+Negatives: with ``all_negatives=False`` (the ReMatch recipe: one hard negative per
+sample) each example contributes its first negative, if it has one. Examples without a
+negative contribute none; ``negative_owner[j]`` says which example negative ``j`` belongs
+to, so the loss can still treat every negative as a negative for every query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from rematch.backbones.base import EncoderBatch
+from rematch.data.images import ImageLoadError
+from rematch.data.items import Item, ItemError
+from rematch.data.records import RowRef, TrainExample
+from rematch.data.validation import (
+    EMPTY_TEXT,
+    MISSING_IMAGE,
+    PLACEHOLDER_MISMATCH,
+    SCHEMA,
+    UNREADABLE_IMAGE,
+    BadRowReport,
+    DataError,
+    RowProblem,
+)
+
+
+@dataclass
+class TrainBatch:
+    """One training batch, prepared for the model, plus the raw items (the matching branch
+    re-reads them to build its packed sequences)."""
+
+    queries: EncoderBatch
+    positives: EncoderBatch
+    negatives: EncoderBatch | None
+    negative_owner: list[int]
+    """For each row of ``negatives``: the index of the example (query) it belongs to."""
+    query_items: list[Item]
+    positive_items: list[Item]
+    negative_items: list[Item]
+    refs: list[RowRef | None]
+    subsets: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.query_items)
+
+
+class TrainCollator:
+    """Callable on a list of :class:`TrainExample`; returns a :class:`TrainBatch`.
+
+    ``model`` is a :class:`rematch.ReMatchModel` (only its ``prepare`` is used: no forward
+    pass happens here). Share ``report`` with the training source so one summary covers
+    the bad rows found while reading and while collating.
+    """
+
+    def __init__(self, model, skip_bad: bool = False, report: BadRowReport | None = None,
+                 all_negatives: bool = False):
+        self.model = model
+        self.skip_bad = skip_bad
+        self.report = report if report is not None else BadRowReport()
+        self.all_negatives = all_negatives
+
+    def __call__(self, examples: Sequence[TrainExample]) -> TrainBatch:
+        examples = list(examples)
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        try:
+            return self._build(examples)
+        except ItemError as error:
+            batch_error = error
+        # Something in the batch is bad: find which example (and field), then apply the policy.
+        good = []
+        for position, example in enumerate(examples):
+            problem = self._first_problem(example, position)
+            if problem is None:
+                good.append(example)
+            else:
+                self.report.handle(problem, self.skip_bad)
+        if len(good) == len(examples):  # no single item fails on its own: not a row problem
+            raise batch_error
+        if not good:
+            raise DataError(f"every example of this batch was bad; {self.report.summary()}")
+        return self._build(good)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _negatives_of(self, example: TrainExample) -> tuple[Item, ...]:
+        return example.negatives if self.all_negatives else example.negatives[:1]
+
+    def _build(self, examples: list[TrainExample]) -> TrainBatch:
+        queries = [e.query for e in examples]
+        positives = [e.positive for e in examples]
+        negatives, owner = [], []
+        for index, example in enumerate(examples):
+            for negative in self._negatives_of(example):
+                negatives.append(negative)
+                owner.append(index)
+        prepare = self.model.prepare
+        return TrainBatch(
+            queries=prepare(queries, role="query", where="query"),
+            positives=prepare(positives, role="document", where="positive"),
+            negatives=prepare(negatives, role="document", where="negative", indices=owner) if negatives else None,
+            negative_owner=owner,
+            query_items=queries,
+            positive_items=positives,
+            negative_items=negatives,
+            refs=[e.ref for e in examples],
+            subsets=[e.subset for e in examples],
+        )
+
+    def _first_problem(self, example: TrainExample, position: int) -> RowProblem | None:
+        """Prepare each item of one example alone; the first failure, as a row problem."""
+        ref = example.ref or RowRef("<in-memory batch>", position)
+        negatives = self._negatives_of(example)
+        sides = [("query", example.query, "qry", "qry_image_path"),
+                 ("document", example.positive, "pos_text", "pos_image_path")]
+        for i, negative in enumerate(negatives):
+            suffix = f"[{i}]" if len(example.negatives) > 1 else ""
+            sides.append(("document", negative, f"neg_text{suffix}", f"neg_image_path{suffix}"))
+        for role, item, text_field, image_field in sides:
+            try:
+                self.model.prepare([item], role=role, where=text_field.split("[")[0])
+            except ImageLoadError as error:
+                reason = MISSING_IMAGE if "not found" in str(error) else UNREADABLE_IMAGE
+                return RowProblem(reason, ref, image_field, str(error))
+            except ItemError as error:
+                return RowProblem(_reason_of(str(error)), ref, text_field, str(error))
+        return None
+
+
+def _reason_of(message: str) -> str:
+    if "placeholder" in message:
+        return PLACEHOLDER_MISMATCH
+    if "neither text nor image" in message:
+        return EMPTY_TEXT
+    return SCHEMA
