@@ -1,7 +1,133 @@
-"""``rematch evaluate ...`` commands (not implemented yet)."""
+"""``rematch eval mmeb | retrieval``: the MMEB protocol and whole-corpus retrieval evaluation.
+
+Both run on one process or under ``torchrun`` (each rank encodes a shard; rank 0 writes).
+"""
 
 from __future__ import annotations
 
+import argparse
+import functools
+import json
+
+
+def user_errors(handler):
+    """Turn errors about the user's input (bad rows, missing files, wrong model...) into a one-line exit."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from rematch.data.items import ItemError
+        from rematch.data.validation import DataError
+        from rematch.evaluation.mmeb import EvalDataError
+        from rematch.retrieval.corpus import CorpusError
+        from rematch.retrieval.index import IndexFormatError, ModelMismatchError
+        from rematch.serialization import CheckpointMismatchError
+
+        try:
+            return handler(args)
+        except (NotImplementedError, FileNotFoundError, FileExistsError, ItemError, DataError, EvalDataError,
+                CorpusError, IndexFormatError, ModelMismatchError, CheckpointMismatchError) as error:
+            raise SystemExit(f"rematch: error: {error}") from error
+
+    return run
+
+
+def _cache_dir(args: argparse.Namespace):
+    from rematch.evaluation.cache import default_cache_dir
+
+    return None if args.no_cache else (args.cache_dir or default_cache_dir())
+
+
+def _model(args: argparse.Namespace, device: str | None):
+    from rematch.commands.common import load_model
+
+    return load_model(args.model, device or args.device)
+
+
+@user_errors
+def cmd_mmeb(args: argparse.Namespace) -> int:
+    from rematch.evaluation.distributed import is_main_process, torchrun_session
+    from rematch.evaluation.mmeb import evaluate_mmeb_source
+    from rematch.evaluation.report import compare_summaries, load_summary
+
+    if args.model is None and args.data is None:
+        if not args.compare:
+            raise SystemExit("rematch eval mmeb: give --model and --data to evaluate, or --compare OTHER_OUT "
+                             "to compare the run in --out with another")
+        print(compare_summaries(load_summary(args.compare), load_summary(args.out), names=(args.compare, args.out)))
+        return 0
+    if args.model is None or args.data is None:
+        raise SystemExit("rematch eval mmeb: --model and --data go together")
+    with torchrun_session() as device:
+        summary = evaluate_mmeb_source(
+            _model(args, device), args.data, args.out, subsets=args.subsets, split=args.split,
+            image_root=args.image_root, skip_bad=args.skip_bad, batch_size=args.batch_size,
+            cache_dir=_cache_dir(args), plot=not args.no_plot, rerank=args.rerank, show_progress=args.progress)
+        if args.compare and is_main_process():
+            print(compare_summaries(load_summary(args.compare), summary, names=(args.compare, args.out)))
+    return 0
+
+
+@user_errors
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    from rematch.evaluation.distributed import is_main_process, torchrun_session
+    from rematch.evaluation.retrieval import evaluate_retrieval, read_qrels
+    from rematch.retrieval.corpus import read_corpus
+
+    queries = read_corpus(args.queries, args.image_root, instruction=args.query_instruction)
+    corpus = read_corpus(args.corpus, args.image_root, instruction=args.document_instruction)
+    qrels = read_qrels(args.qrels, queries.ids, corpus.ids)
+    with torchrun_session() as device:
+        result = evaluate_retrieval(
+            _model(args, device), queries.ids, queries.items, corpus.ids, corpus.items, qrels, ks=args.ks,
+            batch_size=args.batch_size, cache_dir=_cache_dir(args), rerank=args.rerank, out_dir=args.out,
+            show_progress=args.progress, log=None if args.json else print)
+        if args.json and is_main_process():
+            print(json.dumps(result, indent=2))
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    parser.add_argument("--model", required=model_required, help="model directory, hub id, or tiny[:size[:family]]")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="e.g. cuda:0 (torchrun picks cuda:LOCAL_RANK itself)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="embedding cache directory (default $REMATCH_CACHE_DIR or ~/.cache/rematch/embeddings)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
+    parser.add_argument("--rerank", type=int, default=0, metavar="N",
+                        help="rerank the top N with the matching head (not available yet)")
+    parser.add_argument("--progress", action="store_true", help="show encoding progress bars")
+
 
 def register(sub) -> None:
-    """No commands yet."""
+    evaluate = sub.add_parser("eval", help="evaluate a model (MMEB protocol, corpus retrieval)")
+    groups = evaluate.add_subparsers(dest="eval_command", required=True)
+
+    mmeb = groups.add_parser("mmeb", help="MMEB protocol: rank each query's own candidates, write per-subset and "
+                                          "summary reports (or compare two runs)")
+    _common(mmeb, model_required=False)
+    mmeb.add_argument("--data", default=None,
+                      help="MMEB-eval root (ROOT/<Subset>/test.jsonl|parquet), one file, or a HF id "
+                           "(TIGER-Lab/MMEB-eval)")
+    mmeb.add_argument("--subsets", nargs="+", default=None, help="subset names (default: every subset found)")
+    mmeb.add_argument("--split", default="test")
+    mmeb.add_argument("--image-root", default=None, help="directory the rows' image paths are relative to")
+    mmeb.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable rows instead of stopping")
+    mmeb.add_argument("--out", required=True, help="output directory (<Subset>.json, summary.json/.md/.png)")
+    mmeb.add_argument("--no-plot", action="store_true")
+    mmeb.add_argument("--compare", default=None, metavar="OTHER_OUT",
+                      help="print this run next to another run's summary, with deltas")
+    mmeb.set_defaults(func=cmd_mmeb)
+
+    retrieval = groups.add_parser("retrieval", help="rank the whole corpus for each query: recall@k, nDCG@10, MRR")
+    _common(retrieval)
+    retrieval.add_argument("--queries", required=True, help="jsonl: id, text, image, instruction")
+    retrieval.add_argument("--corpus", required=True, help="jsonl file, directory of jsonl files, or image directory")
+    retrieval.add_argument("--qrels", required=True, help="relevance: .tsv (BEIR), .txt (TREC) or .jsonl")
+    retrieval.add_argument("--image-root", default=None, help="base of relative image paths (default: each "
+                                                              "file's directory)")
+    retrieval.add_argument("--query-instruction", default=None, help="instruction for queries that have none")
+    retrieval.add_argument("--document-instruction", default=None, help="instruction for documents that have none")
+    retrieval.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10, 100], help="cut-offs for recall@k")
+    retrieval.add_argument("--out", default=None, help="directory for retrieval.json")
+    retrieval.add_argument("--json", action="store_true", help="print the result as JSON only")
+    retrieval.set_defaults(func=cmd_retrieval)

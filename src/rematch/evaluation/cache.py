@@ -1,0 +1,194 @@
+"""An on-disk embedding cache, so re-running an evaluation (or adding a metric) costs no encoding.
+
+Design, and why:
+
+* One SQLite file per model, ``<cache_dir>/<model.fingerprint()>.sqlite3``: vectors of a
+  different model (or of the same model after more training) can never be served,
+  because the fingerprint covers the configuration and the weights.
+* Row key = sha256(role, ``Item.cache_key()``, image file stamp). The same item is
+  embedded differently as a query and as a document, so the role is part of the key.
+  For images given as a path the stamp is the file's size and modification time
+  (nanoseconds): replacing an image file under the same name invalidates its vector. It
+  costs one ``stat`` per unique item, which is negligible next to decoding the image.
+  (In-memory PIL images are keyed by a hash of their pixels in ``Item.cache_key``.)
+* SQLite gives atomic, crash-safe commits (a crash mid-write loses at most the chunk in
+  flight, never corrupts what was committed), indexed lookups by key, and safe
+  concurrent writers (each rank of a distributed evaluation writes its own shard).
+  Encoding is committed in chunks, so an interrupted evaluation resumes almost where it
+  stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rematch.data.items import Item
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, dim INTEGER NOT NULL, vector BLOB NOT NULL)"
+_LOOKUP_CHUNK = 500  # stays under SQLite's limit on bound parameters
+
+
+def default_cache_dir() -> Path:
+    """``$REMATCH_CACHE_DIR`` or ``$XDG_CACHE_HOME/rematch/embeddings`` (``~/.cache/rematch/embeddings``)."""
+    if os.environ.get("REMATCH_CACHE_DIR"):
+        return Path(os.environ["REMATCH_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "rematch" / "embeddings"
+
+
+def image_stamp(item: Item) -> str:
+    """Size and mtime of a path image ("missing" if absent: encoding will then raise a clear error)."""
+    image = item.image
+    if image is None or not isinstance(image, (str, os.PathLike)):
+        return ""
+    try:
+        stat = os.stat(image)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def embedding_key(item: Item, role: str) -> str:
+    """The cache row key of ``item`` embedded in ``role`` (see the module docstring)."""
+    text = f"{role}\x00{item.cache_key()}\x00{image_stamp(item)}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class EmbeddingCache:
+    """Vectors of one model, stored by :func:`embedding_key`."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str):
+        self.directory = Path(directory).expanduser()
+        self.fingerprint = fingerprint
+        self.path = self.directory / f"{fingerprint}.sqlite3"
+        self._connection: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._connection is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                connection = sqlite3.connect(self.path, timeout=300)
+                with connection:
+                    connection.execute(_SCHEMA)
+            except sqlite3.DatabaseError as error:
+                raise RuntimeError(f"embedding cache {self.path} cannot be opened ({error}); "
+                                   "delete the file to start a fresh cache") from error
+            self._connection = connection
+        return self._connection
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The cached vectors among ``keys`` (missing keys are simply absent)."""
+        connection = self._connect()
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = list(keys[start:start + _LOOKUP_CHUNK])
+            marks = ",".join("?" * len(chunk))
+            rows = connection.execute(f"SELECT key, dim, vector FROM embeddings WHERE key IN ({marks})", chunk)
+            for key, dim, blob in rows:
+                vector = np.frombuffer(blob, dtype=np.float32)
+                if vector.size != dim or not np.isfinite(vector).all():
+                    raise RuntimeError(f"embedding cache {self.path}: entry {key} is damaged; delete the file")
+                found[key] = vector
+        return found
+
+    def put_many(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        """Store vectors in one transaction (all or nothing)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(keys) != len(vectors):
+            raise ValueError(f"{len(keys)} keys but {len(vectors)} vectors")
+        rows = [(key, int(vector.size), vector.tobytes()) for key, vector in zip(keys, vectors)]
+        connection = self._connect()
+        with connection:
+            connection.executemany("INSERT OR REPLACE INTO embeddings (key, dim, vector) VALUES (?, ?, ?)", rows)
+
+    def __len__(self) -> int:
+        return int(self._connect().execute("SELECT COUNT(*) FROM embeddings").fetchone()[0])
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+@dataclass
+class EncodeStats:
+    """What an encoder did: items it ran the model on, items served from the cache, time spent."""
+
+    encoded: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: "EncodeStats") -> None:
+        self.encoded += other.encoded
+        self.cached += other.cached
+        self.seconds += other.seconds
+
+    @property
+    def items_per_second(self) -> float:
+        """Encoding throughput: items the model embedded per second of encoding (cache hits excluded)."""
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"items_encoded": self.encoded, "items_from_cache": self.cached,
+                "encode_seconds": round(self.seconds, 4), "items_per_second": round(self.items_per_second, 3)}
+
+
+class CachedEncoder:
+    """``model.encode`` with an optional on-disk cache in front of it.
+
+    ``model`` only needs ``encode(items, role=, batch_size=, show_progress=)`` and
+    ``fingerprint()``. Cache misses are encoded in chunks of ``chunk_size`` items and each
+    chunk is committed before the next starts.
+    """
+
+    def __init__(self, model, cache_dir: str | os.PathLike | None = None, batch_size: int = 16,
+                 chunk_size: int = 2048, show_progress: bool = False):
+        self.model = model
+        self.batch_size = batch_size
+        self.chunk_size = max(batch_size, chunk_size)
+        self.show_progress = show_progress
+        self.fingerprint = model.fingerprint()
+        self.cache = EmbeddingCache(cache_dir, self.fingerprint) if cache_dir is not None else None
+        self.stats = EncodeStats()
+
+    def encode(self, items: Sequence[Item], role: str) -> np.ndarray:
+        """Embeddings of ``items`` (float32, one row each) in ``role``, from the cache where possible."""
+        items = list(items)
+        if not items:
+            return np.zeros((0, 0), dtype=np.float32)
+        if self.cache is None:
+            return self._encode(items, role)
+        keys = [embedding_key(item, role) for item in items]
+        found = self.cache.get_many(keys)
+        missing = [index for index, key in enumerate(keys) if key not in found]
+        self.stats.cached += len(items) - len(missing)
+        for start in range(0, len(missing), self.chunk_size):
+            chunk = missing[start:start + self.chunk_size]
+            vectors = self._encode([items[index] for index in chunk], role)
+            chunk_keys = [keys[index] for index in chunk]
+            self.cache.put_many(chunk_keys, vectors)
+            found.update(zip(chunk_keys, vectors))
+        dims = {vector.size for vector in found.values()}
+        if len(dims) != 1:
+            raise RuntimeError(f"embedding cache {self.cache.path} holds vectors of sizes {sorted(dims)}")
+        return np.stack([found[key] for key in keys]).astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Close the cache's database connection (the encoder can still be used; it reopens)."""
+        if self.cache is not None:
+            self.cache.close()
+
+    def _encode(self, items: list[Item], role: str) -> np.ndarray:
+        start = time.perf_counter()
+        vectors = self.model.encode(items, role=role, batch_size=self.batch_size, show_progress=self.show_progress)
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.encoded += len(items)
+        return np.asarray(vectors, dtype=np.float32)

@@ -1,0 +1,258 @@
+"""The MMEB evaluation protocol: rank each query's own candidate list, candidate 0 is correct.
+
+For each subset:
+
+1. Deduplicate: every distinct query item (by ``Item.cache_key()``) is embedded once as a
+   query, every distinct candidate item once as a document — MMEB candidate lists share
+   most of their items (class labels, answer strings, image pools), so this is usually a
+   10-1000x saving.
+2. Encode through :class:`~rematch.evaluation.cache.CachedEncoder` (on-disk cache, and
+   strided shards across ranks when ``torch.distributed`` is initialised).
+3. Score every query against its own list (cosine = dot product of normalised vectors),
+   rank with the pessimistic tie rule of :mod:`rematch.evaluation.metrics`, and report
+   hit@1 (MMEB's Precision@1), hit@5 and MRR.
+
+Scores are fractions in [0, 1] in every JSON file; the Markdown report and the plot
+show percentages, as the MMEB tables do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from rematch.data.items import Item, as_item
+from rematch.data.mmeb_subsets import subset_info
+from rematch.data.records import EvalExample, RowRef
+from rematch.evaluation.cache import CachedEncoder, EncodeStats
+from rematch.evaluation.distributed import encode_across_ranks, gather_stats, is_main_process
+from rematch.evaluation.metrics import check_finite, mean_metrics, per_query_metrics, ranks_of_relevant
+from rematch.retrieval.atomic import write_json_atomically
+from rematch.retrieval.rerank_hook import check_rerank, reranked_scores
+
+#: Score-matrix chunks are kept under this many floats (queries x unique candidates).
+_SCORE_BLOCK = 1 << 23
+
+
+class EvalDataError(ValueError):
+    """An evaluation example cannot be used; the message names the file, row and field."""
+
+
+@dataclass
+class DedupedSubset:
+    """A subset's examples reduced to unique items plus index lists into them."""
+
+    name: str
+    queries: list[Item] = field(default_factory=list)
+    candidates: list[Item] = field(default_factory=list)
+    query_index: list[int] = field(default_factory=list)
+    candidate_lists: list[np.ndarray] = field(default_factory=list)
+    positive_duplicates: int = 0
+    """Examples whose list holds another candidate identical to the correct one (an exact tie)."""
+
+    def __len__(self) -> int:
+        return len(self.query_index)
+
+
+def _where(ref: RowRef | None, subset: str, number: int) -> str:
+    return str(ref) if ref is not None else f"{subset} example {number}"
+
+
+def dedupe_examples(name: str, examples: Iterable[EvalExample]) -> DedupedSubset:
+    """Validate examples and map every query and candidate to a unique-item index.
+
+    Streaming: only unique items and integer index lists are kept, so a subset of 1000
+    queries x 1000 candidates does not hold a million Item objects.
+    """
+    data = DedupedSubset(name)
+    query_ids: dict[str, int] = {}
+    candidate_ids: dict[str, int] = {}
+    first_seen: dict[tuple[str, int], str] = {}
+    for number, example in enumerate(examples):
+        if not isinstance(example, EvalExample):
+            raise EvalDataError(f"{name} example {number}: expected an EvalExample, got {type(example).__name__}")
+        where = _where(example.ref, name, number)
+        if not example.candidates:
+            raise EvalDataError(f"{where}: field 'candidates' is empty; MMEB needs candidate 0 to be the answer")
+        data.query_index.append(_intern(example.query, query_ids, data.queries, first_seen, "query", where, 0))
+        indices = np.empty(len(example.candidates), dtype=np.int64)
+        for position, candidate in enumerate(example.candidates):
+            indices[position] = _intern(candidate, candidate_ids, data.candidates, first_seen, "document", where,
+                                        position)
+        if (indices[1:] == indices[0]).any():
+            data.positive_duplicates += 1
+        data.candidate_lists.append(indices)
+    if not data.query_index:
+        raise EvalDataError(f"subset {name}: no examples")
+    _check_images(data.queries, "query", first_seen)
+    _check_images(data.candidates, "document", first_seen)
+    return data
+
+
+def _intern(item, ids: dict[str, int], items: list[Item], first_seen: dict, role: str, where: str,
+            position: int) -> int:
+    """Index of ``item`` among the unique items, adding it (validated) on first sight.
+
+    Validation runs once per unique item: MMEB lists repeat the same few thousand items
+    a million times, so this keeps deduplication at about a microsecond per candidate.
+    """
+    raw_key = item.cache_key() if isinstance(item, Item) else None
+    index = ids.get(raw_key) if raw_key is not None else None
+    if index is None:
+        label = "query" if role == "query" else "candidate"
+        item = as_item(item, position, f"{where}: {label}")
+        key = item.cache_key()  # of the validated item (validation may normalise it)
+        index = ids.get(key)
+        if index is None:
+            index = ids[key] = len(items)
+            items.append(item)
+            first_seen[(role, index)] = f"{where}: {label}" + (f" {position}" if role != "query" else "")
+        if raw_key is not None:
+            ids[raw_key] = index
+    return index
+
+
+def _check_images(items: Sequence[Item], role: str, first_seen: dict) -> None:
+    """Fail before encoding if an image file is missing, naming the first row that uses it."""
+    for index, item in enumerate(items):
+        if isinstance(item.image, (str, os.PathLike)) and not os.path.isfile(item.image):
+            raise EvalDataError(f"{first_seen[(role, index)]}: field 'image': image file not found: {item.image}")
+
+
+def score_lists(data: DedupedSubset, query_vectors: np.ndarray, candidate_vectors: np.ndarray) -> np.ndarray:
+    """(n_examples, longest list) cosine scores of each query against its own list, -inf padded."""
+    longest = max(len(indices) for indices in data.candidate_lists)
+    scores = np.full((len(data), longest), -np.inf, dtype=np.float64)
+    chunk = max(1, _SCORE_BLOCK // max(1, len(data.candidates)))
+    query_index = np.asarray(data.query_index)
+    for start in range(0, len(data), chunk):
+        stop = min(len(data), start + chunk)
+        block = query_vectors[query_index[start:stop]] @ candidate_vectors.T
+        for row in range(start, stop):
+            indices = data.candidate_lists[row]
+            scores[row, :len(indices)] = block[row - start, indices]
+    check_finite(np.where(np.isneginf(scores), 0.0, scores), f"{data.name} scores")
+    return scores
+
+
+def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalExample],
+                    ks: Sequence[int] = (1, 5), rerank: int = 0) -> dict:
+    """Metrics of one subset (a JSON-ready dict; see the module docstring for the protocol)."""
+    start = time.perf_counter()
+    data = dedupe_examples(name, examples)
+    query_vectors = encode_across_ranks(encoder, data.queries, "query")
+    candidate_vectors = encode_across_ranks(encoder, data.candidates, "document")
+    scores = score_lists(data, query_vectors, candidate_vectors)
+    if rerank:
+        for row, indices in enumerate(data.candidate_lists):
+            query = data.queries[data.query_index[row]]
+            candidates = [data.candidates[i] for i in indices]
+            scores[row, :len(indices)] = reranked_scores(encoder.model, query, candidates,
+                                                         scores[row, :len(indices)], rerank)
+    ranks = ranks_of_relevant(scores, np.zeros((len(data), 1), dtype=np.int64))
+    metrics = mean_metrics(per_query_metrics(ranks, hit_ks=ks))
+    info = subset_info(name)
+    lengths = np.array([len(indices) for indices in data.candidate_lists])
+    return {
+        "subset": name,
+        "meta_task": info.meta_task,
+        "split": info.split,
+        "count": len(data),
+        **{key: round(value, 6) for key, value in metrics.items()},
+        "candidates_per_query": {"min": int(lengths.min()), "max": int(lengths.max()),
+                                 "mean": round(float(lengths.mean()), 2)},
+        "unique_queries": len(data.queries),
+        "unique_candidates": len(data.candidates),
+        "positive_duplicates": data.positive_duplicates,
+        "rerank": rerank,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def subset_file_name(name: str) -> str:
+    """``<Subset>.json`` with characters that are unsafe in file names replaced."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) + ".json"
+
+
+def evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]], out_dir: str | os.PathLike | None,
+                  *, batch_size: int = 16, cache_dir: str | os.PathLike | None = None, ks: Sequence[int] = (1, 5),
+                  plot: bool = True, rerank: int = 0, show_progress: bool = False,
+                  skipped_rows: Mapping[str, object] | None = None,
+                  log: Callable[[str], None] | None = print) -> dict:
+    """Run the MMEB protocol on every subset and write ``<out>/<Subset>.json`` + the summary files.
+
+    ``model`` needs ``encode`` and ``fingerprint`` (a :class:`~rematch.ReMatchModel`).
+    ``examples_by_subset`` maps a subset name to its examples (any iterable, read once).
+    ``cache_dir=None`` disables the embedding cache. ``skipped_rows`` maps a subset to the
+    reader's bad-row report (anything with ``.total``), recorded as ``skipped_rows``. Under ``torch.distributed`` every
+    rank must call this with the same arguments; each encodes a shard, rank 0 writes the
+    files, and every rank returns the same summary.
+    """
+    from rematch.evaluation.report import summarize, write_summary
+
+    check_rerank(rerank)
+    ks = tuple(sorted(set(ks) | {1}))  # hit@1 is MMEB's score
+    if not examples_by_subset:
+        raise ValueError("no subsets to evaluate")
+    main = is_main_process()
+    say = log if (log and main) else (lambda _: None)
+    encoder = CachedEncoder(model, cache_dir, batch_size=batch_size, show_progress=show_progress and main)
+    out = Path(out_dir) if out_dir is not None else None
+    results: dict[str, dict] = {}
+    try:
+        for name, examples in examples_by_subset.items():
+            result = evaluate_subset(encoder, name, examples, ks=ks, rerank=rerank)
+            result["model_fingerprint"] = encoder.fingerprint
+            if skipped_rows is not None and name in skipped_rows:
+                result["skipped_rows"] = int(skipped_rows[name].total)
+            results[name] = result
+            if out is not None and main:
+                write_json_atomically(out / subset_file_name(name), result)
+            say(f"{name:<22} hit@1 {100 * result['hit@1']:6.2f}  mrr {result['mrr']:.4f}  ({result['count']} "
+                f"queries, {result['unique_queries']} + {result['unique_candidates']} unique items, "
+                f"{result['seconds']:.1f}s)")
+    finally:
+        encoder.close()
+    stats: EncodeStats = gather_stats(encoder.stats)
+    summary = summarize(results, fingerprint=encoder.fingerprint, throughput=stats.as_dict(),
+                        primary="hit@1")
+    if out is not None and main:
+        write_summary(summary, out, plot=plot)
+    say(f"encoded {stats.encoded} items in {stats.seconds:.1f}s ({stats.items_per_second:.1f} items/s), "
+        f"{stats.cached} served from the embedding cache")
+    if out is not None:
+        say(f"wrote {out / 'summary.json'}, {out / 'summary.md'}" + (f", {out / 'summary.png'}" if plot else ""))
+    return summary
+
+
+def evaluate_mmeb_source(model, source: str, out_dir: str | os.PathLike | None, *,
+                         subsets: Sequence[str] | None = None, split: str = "test",
+                         image_root: str | None = None, skip_bad: bool = False,
+                         log: Callable[[str], None] | None = print, **options) -> dict:
+    """:func:`evaluate_mmeb` on MMEB-eval data: a local ROOT (``ROOT/<Subset>/test.jsonl|parquet``),
+    one file, or a Hugging Face id such as ``TIGER-Lab/MMEB-eval`` (images under ``image_root``).
+
+    With ``skip_bad`` unusable rows are skipped, counted per subset (``skipped_rows``) and
+    summarised at the end; without it the first bad row is an error naming file, row and field.
+    """
+    from rematch.data.mmeb import iter_eval_examples, list_subsets
+    from rematch.data.validation import BadRowReport
+
+    names = list(subsets) if subsets else list_subsets(source, split)
+    if not names:
+        raise EvalDataError(f"{source}: no subsets with a '{split}' split")
+    reports = {name: BadRowReport() for name in names}
+    examples = {name: iter_eval_examples(source, name, image_root=image_root, skip_bad=skip_bad,
+                                         report=reports[name], split=split) for name in names}
+    summary = evaluate_mmeb(model, examples, out_dir, skipped_rows=reports, log=log, **options)
+    if log and is_main_process():
+        for name, report in reports.items():
+            if report:
+                log(f"{name}: {report.summary()}")
+    return summary

@@ -1,0 +1,514 @@
+"""A FAISS index of document embeddings that knows which model made them.
+
+Directory layout (``INDEX_DIR``)::
+
+    index.faiss      the FAISS index (inner product on L2-normalised vectors = cosine)
+    items.jsonl      one line per vector, in index order: id, text, image, instruction, metadata
+    manifest.json    written last: format version, model fingerprint (and where the model
+                     came from), dimension, index type and parameters, item count,
+                     file sizes and a content hash of the two files above
+    shards/          only while a resumable build is running (see :func:`build_index`)
+
+The directory is written to a temporary sibling and swapped in with one rename, so a
+reader sees the old complete index or the new complete one, never a half-written one.
+``Index.load(dir, model=m)`` refuses a model whose fingerprint differs from the one the
+index was built with: its query vectors would live in a different space and every
+result would be silently wrong.
+
+Index types: ``flat`` (exact inner product, the default), ``ivf`` (inverted lists,
+approximate; ``nlist`` lists, ``nprobe`` searched) and ``hnsw`` (graph; ``hnsw_m``
+links per node, ``ef_search`` candidates per search). The approximate types pay off
+from roughly a million items upward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from rematch.data.items import Item, ItemLike, as_items
+from rematch.evaluation.cache import image_stamp
+from rematch.retrieval.atomic import write_npz_atomically
+from rematch.retrieval.rerank_hook import check_rerank, rerank_order
+
+FORMAT_VERSION = 1
+INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, SHARDS_DIR = "index.faiss", "items.jsonl", "manifest.json", "shards"
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+_OWN_ENTRIES = {INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, SHARDS_DIR}
+_RESERVED_FIELDS = {"id", "text", "image", "instruction", "image_in_memory"}
+
+
+class IndexFormatError(ValueError):
+    """An index directory is missing, incomplete or damaged."""
+
+
+class IncompleteIndexError(IndexFormatError):
+    """The directory holds an interrupted build (shards, no manifest): rerun the build to resume."""
+
+
+class ModelMismatchError(ValueError):
+    """The model given to an index is not the model its vectors were made with."""
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result: the item's id, its cosine score, its 1-based rank and its stored fields."""
+
+    id: str
+    score: float
+    rank: int
+    metadata: dict
+
+    def as_dict(self) -> dict:
+        return {"rank": self.rank, "id": self.id, "score": self.score, **self.metadata}
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which FAISS structure to build and its parameters."""
+
+    index_type: str = "flat"
+    nlist: int | None = None
+    """IVF lists; None = about 4 * sqrt(n), capped so each list gets >= 39 training vectors."""
+    hnsw_m: int = 32
+    nprobe: int = 16
+    ef_search: int = 128
+
+    def validate(self) -> None:
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
+        for name in ("hnsw_m", "nprobe", "ef_search"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.nlist is not None and self.nlist < 1:
+            raise ValueError("nlist must be >= 1")
+
+    def lists_for(self, count: int) -> int:
+        if self.nlist is not None:
+            return min(self.nlist, count)
+        return max(1, min(int(4 * math.sqrt(count)), count // 39))
+
+
+# ---------------------------------------------------------------------------- the index
+
+
+class Index:
+    """Document vectors in FAISS + their ids and fields + the identity of the model that made them.
+
+    Build with :meth:`build` (in memory) or :func:`build_index` (resumable, on disk),
+    reopen with :meth:`load`. :meth:`search` needs the model (given to ``build``/``load``).
+    """
+
+    def __init__(self, faiss_index, records: list[dict], manifest: dict, model=None):
+        self.faiss_index = faiss_index
+        self.records = records
+        self.ids = [record["id"] for record in records]
+        self.manifest = manifest
+        self.model = model
+        self._positions: dict[str, int] | None = None
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def build(cls, model, items: Sequence[ItemLike], ids: Sequence[str] | None = None,
+              metadata: Sequence[Mapping] | None = None, *, index_type: str = "flat", nlist: int | None = None,
+              hnsw_m: int = 32, batch_size: int = 16, show_progress: bool = False,
+              model_source: str | None = None) -> "Index":
+        """Encode ``items`` as documents and index them (in memory; :meth:`save` writes it).
+
+        ``ids`` default to "0", "1", ...; ``metadata`` (one dict per item) is returned
+        with search hits. For corpora too big to encode in one go, use :func:`build_index`.
+        """
+        items = as_items(items, "corpus item")
+        ids, records = make_records(items, ids, metadata)
+        spec = IndexSpec(index_type=index_type, nlist=nlist, hnsw_m=hnsw_m)
+        spec.validate()
+        vectors = model.encode(items, role="document", batch_size=batch_size, show_progress=show_progress)
+        faiss_index = assemble_faiss(lambda: iter([vectors]), len(items), vectors.shape[1], spec)
+        manifest = new_manifest(model.fingerprint(), vectors.shape[1], spec, len(items), model_source)
+        return cls(faiss_index, records, manifest, model=model)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None, verify: bool = False) -> "Index":
+        """Open an index directory; with ``model``, check it is the model the index was built with.
+
+        ``verify=True`` also re-hashes the files against the manifest (reads them fully).
+        """
+        import faiss
+
+        path = Path(path)
+        manifest = read_manifest(path)
+        for name, size in manifest["files"].items():
+            file = path / name
+            if not file.is_file() or file.stat().st_size != size:
+                raise IndexFormatError(f"{file}: missing or not the size the manifest records ({size} bytes); "
+                                       "the index is damaged, rebuild it")
+        if verify and content_hash(path) != manifest["content_hash"]:
+            raise IndexFormatError(f"{path}: files do not match the manifest's content hash; rebuild the index")
+        faiss_index = faiss.read_index(str(path / INDEX_FILE))
+        records = [json.loads(line) for line in (path / ITEMS_FILE).read_text(encoding="utf-8").splitlines() if line]
+        count, dimension = manifest["count"], manifest["dimension"]
+        if faiss_index.ntotal != count or len(records) != count or faiss_index.d != dimension:
+            raise IndexFormatError(f"{path}: manifest says {count} x {dimension} but the files hold "
+                                   f"{faiss_index.ntotal} vectors of size {faiss_index.d} and {len(records)} items")
+        index = cls(faiss_index, records, manifest)
+        if model is not None:
+            index.attach(model)
+        return index
+
+    def attach(self, model) -> "Index":
+        """Use ``model`` to encode queries; it must be the model the index was built with."""
+        fingerprint = model.fingerprint()
+        if fingerprint != self.fingerprint:
+            source = self.manifest.get("model_source")
+            built_with = f"{self.fingerprint}" + (f" ({source})" if source else "")
+            raise ModelMismatchError(
+                f"this index was built with model {built_with} but the given model's fingerprint is "
+                f"{fingerprint}; its query vectors would not be comparable. Load the model the index was built "
+                "with, or rebuild the index with this model.")
+        self.model = model
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index directory atomically (an existing index there is replaced)."""
+        import faiss
+
+        from rematch.serialization import write_directory_atomically
+
+        path = Path(path).absolute()  # "." has no name to swap a sibling in under
+        _check_replaceable(path)
+
+        def write(directory: Path) -> None:
+            faiss.write_index(self.faiss_index, str(directory / INDEX_FILE))
+            with open(directory / ITEMS_FILE, "w", encoding="utf-8") as handle:
+                for record in self.records:
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            manifest = dict(self.manifest)
+            manifest["files"] = {name: (directory / name).stat().st_size for name in (INDEX_FILE, ITEMS_FILE)}
+            manifest["content_hash"] = content_hash(directory)
+            (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            self.manifest = manifest
+
+        write_directory_atomically(path, write)
+
+    # ---------------------------------------------------------------- properties
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["model_fingerprint"]
+
+    @property
+    def dimension(self) -> int:
+        return self.manifest["dimension"]
+
+    def item(self, position: int) -> Item:
+        """The stored item at ``position`` (as a path item: in-memory images are not stored)."""
+        record = self.records[position]
+        if record.get("image_in_memory"):
+            raise ValueError(f"item {record['id']!r} was indexed from an in-memory image, which is not stored")
+        return Item(text=record.get("text"), image=record.get("image"), instruction=record.get("instruction"))
+
+    # ---------------------------------------------------------------- search
+
+    def search(self, queries: Sequence[ItemLike] | ItemLike, k: int = 10, *, rerank: int = 0,
+               nprobe: int | None = None, ef_search: int | None = None,
+               batch_size: int = 16) -> list[list[SearchHit]]:
+        """Top-``k`` hits for each query (one list per query; a single item counts as one query).
+
+        ``rerank=N`` re-orders the top N with the matching head (not available yet).
+        """
+        check_rerank(rerank)
+        if self.model is None:
+            raise ValueError("this index has no model to encode queries: pass model= to Index.load "
+                             "(or use search_vectors)")
+        items = as_items(queries, "query")
+        vectors = self.model.encode(items, role="query", batch_size=batch_size)
+        hits = self.search_vectors(vectors, max(k, rerank), nprobe=nprobe, ef_search=ef_search)
+        if rerank:
+            hits = [self._rerank(query, found, rerank) for query, found in zip(items, hits)]
+        return [found[:k] for found in hits]
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, *, nprobe: int | None = None,
+                       ef_search: int | None = None) -> list[list[SearchHit]]:
+        """Top-``k`` hits for query vectors already encoded with this index's model."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise ValueError(f"query vectors must be (n, {self.dimension}), got {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise FloatingPointError("query vectors hold NaN/inf")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self._set_search_parameters(nprobe, ef_search)
+        scores, positions = self.faiss_index.search(vectors, min(k, len(self)))
+        results = []
+        for row_scores, row_positions in zip(scores, positions):
+            hits = []
+            for score, position in zip(row_scores, row_positions):
+                if position < 0:  # fewer than k reachable (IVF with few probes)
+                    continue
+                if not math.isfinite(score):
+                    raise FloatingPointError(f"non-finite score for item {self.ids[position]!r}")
+                record = self.records[position]
+                hits.append(SearchHit(id=record["id"], score=float(score), rank=len(hits) + 1,
+                                      metadata={k_: v for k_, v in record.items() if k_ != "id"}))
+            results.append(hits)
+        return results
+
+    def _set_search_parameters(self, nprobe: int | None, ef_search: int | None) -> None:
+        import faiss
+
+        params = self.manifest["index_params"]
+        kind = self.manifest["index_type"]
+        if kind == "ivf":
+            faiss.extract_index_ivf(self.faiss_index).nprobe = nprobe or params["nprobe"]
+        elif kind == "hnsw":
+            self.faiss_index.hnsw.efSearch = ef_search or params["ef_search"]
+
+    def _rerank(self, query: Item, hits: list[SearchHit], top_n: int) -> list[SearchHit]:
+        if self._positions is None:
+            self._positions = {item_id: position for position, item_id in enumerate(self.ids)}
+        head = hits[:top_n]
+        order = rerank_order(self.model, query, [self.item(self._positions[hit.id]) for hit in head], len(head))
+        reordered = [head[i] for i in order] + hits[top_n:]
+        return [SearchHit(hit.id, hit.score, rank, hit.metadata) for rank, hit in enumerate(reordered, start=1)]
+
+
+def open_index(path: str | os.PathLike, model_spec: str | None = None, device: str | None = None,
+               verify: bool = False) -> Index:
+    """Load an index with a model ready to search it: ``model_spec`` (a directory, hub id or
+    ``tiny``) or, by default, the model recorded in the manifest; it must match the index."""
+    from rematch.commands.common import load_model
+
+    spec = model_spec or read_manifest(Path(path)).get("model_source")
+    if not spec:
+        raise IndexFormatError(f"{path}: the manifest records no model source; pass the model explicitly")
+    return Index.load(path, model=load_model(spec, device), verify=verify)
+
+
+# ---------------------------------------------------------------------------- pieces shared by both builds
+
+
+def make_records(items: Sequence[Item], ids: Sequence | None, metadata: Sequence[Mapping] | None
+                 ) -> tuple[list[str], list[dict]]:
+    """Per-item records stored in items.jsonl; ids must be unique, metadata must not shadow item fields."""
+    ids = [str(i) for i in range(len(items))] if ids is None else [str(i) for i in ids]
+    if len(ids) != len(items):
+        raise ValueError(f"{len(items)} items but {len(ids)} ids")
+    if metadata is not None and len(metadata) != len(items):
+        raise ValueError(f"{len(items)} items but {len(metadata)} metadata entries")
+    seen: dict[str, int] = {}
+    records = []
+    for position, (item_id, item) in enumerate(zip(ids, items)):
+        if item_id in seen:
+            raise ValueError(f"duplicate id {item_id!r} at items {seen[item_id]} and {position}")
+        seen[item_id] = position
+        record: dict = {"id": item_id, "text": item.text, "instruction": item.instruction}
+        if isinstance(item.image, (str, os.PathLike)):
+            record["image"] = str(item.image)
+        else:
+            record["image"] = None
+            if item.image is not None:
+                record["image_in_memory"] = True
+        extra = dict(metadata[position]) if metadata is not None else {}
+        clash = _RESERVED_FIELDS & set(extra)
+        if clash:
+            raise ValueError(f"metadata of item {item_id!r} uses reserved field(s) {sorted(clash)}")
+        record.update(extra)
+        records.append(record)
+    return ids, records
+
+
+def assemble_faiss(chunks: Callable[[], Iterator[np.ndarray]], count: int, dimension: int, spec: IndexSpec):
+    """A FAISS index over the vectors that ``chunks()`` yields (called twice for IVF: train, then add)."""
+    import faiss
+
+    if spec.index_type == "flat":
+        index = faiss.IndexFlatIP(dimension)
+    elif spec.index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dimension, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    else:
+        nlist = spec.lists_for(count)
+        quantizer = faiss.IndexFlatIP(dimension)
+        index = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)  # keeps a reference
+        # k-means needs >= 39 points per list; more than ~100k points buys little and costs memory
+        stride = max(1, count // min(count, max(39 * nlist, 100_000)))
+        sample = np.concatenate([chunk[::stride] for chunk in chunks()])
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    for chunk in chunks():
+        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
+    if index.ntotal != count:
+        raise RuntimeError(f"indexed {index.ntotal} vectors, expected {count}")
+    return index
+
+
+def new_manifest(fingerprint: str, dimension: int, spec: IndexSpec, count: int, model_source: str | None) -> dict:
+    import rematch
+
+    params = {"nprobe": spec.nprobe, "ef_search": spec.ef_search}
+    if spec.index_type == "ivf":
+        params["nlist"] = spec.lists_for(count)
+    if spec.index_type == "hnsw":
+        params["hnsw_m"] = spec.hnsw_m
+    return {"format_version": FORMAT_VERSION, "model_fingerprint": fingerprint, "model_source": model_source,
+            "dimension": int(dimension), "index_type": spec.index_type, "index_params": params, "count": count,
+            "similarity": "inner product of L2-normalised vectors (cosine)", "rematch_version": rematch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def content_hash(directory: Path) -> str:
+    """sha256 over items.jsonl and index.faiss (in that order)."""
+    digest = hashlib.sha256()
+    for name in (ITEMS_FILE, INDEX_FILE):
+        with open(Path(directory) / name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise FileNotFoundError(f"no index directory at {path}")
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        if (path / SHARDS_DIR).is_dir():
+            raise IncompleteIndexError(f"{path}: the index build was interrupted (shards, no manifest); rerun "
+                                       "`rematch index build` with the same arguments to resume it")
+        raise IndexFormatError(f"{path}: not an index directory (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise IndexFormatError(f"{file}: not valid JSON ({error})") from error
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(f"{file}: format_version {manifest.get('format_version')!r} is not supported "
+                               f"(this rematch reads {FORMAT_VERSION})")
+    return manifest
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to swap out a directory that holds anything but an index (it would be deleted)."""
+    if path.exists():
+        if not path.is_dir():
+            raise IndexFormatError(f"{path} exists and is not a directory")
+        foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in _OWN_ENTRIES)
+        if foreign:
+            raise IndexFormatError(f"{path} holds files that are not part of an index ({', '.join(foreign[:5])}); "
+                                   "refusing to replace it: choose an empty or new directory")
+
+
+# ---------------------------------------------------------------------------- resumable build
+
+
+def shard_hash(ids: Sequence[str], items: Sequence[Item]) -> str:
+    """Identity of a shard's content: ids, item content and image file stamps."""
+    digest = hashlib.sha256()
+    for item_id, item in zip(ids, items):
+        digest.update(f"{item_id}\x00{item.cache_key()}\x00{image_stamp(item)}\x01".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _load_finished_shard(file: Path, fingerprint: str, expected_hash: str, count: int) -> np.ndarray | None:
+    """The shard's vectors if the file is a finished shard of this content and model, else None."""
+    if not file.is_file():
+        return None
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            if str(data["fingerprint"]) != fingerprint or str(data["content_hash"]) != expected_hash:
+                return None
+            vectors = data["vectors"]
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: encode it again
+    if vectors.shape[0] != count or not np.isfinite(vectors).all():
+        return None
+    return vectors
+
+
+def build_index(model, items: Sequence[ItemLike], ids: Sequence[str], out_dir: str | os.PathLike, *,
+                metadata: Sequence[Mapping] | None = None, index_type: str = "flat", nlist: int | None = None,
+                hnsw_m: int = 32, shard_size: int = 4096, batch_size: int = 16, overwrite: bool = False,
+                model_source: str | None = None, show_progress: bool = False,
+                on_shard_done: Callable[[int, int], None] | None = None,
+                log: Callable[[str], None] | None = print) -> Index:
+    """Encode a corpus in shards and write a complete index to ``out_dir``; rerunning resumes.
+
+    Each shard of ``shard_size`` items is written to ``out_dir/shards/`` atomically, with
+    the model fingerprint and a hash of its content. A rerun reuses every shard whose
+    model and content still match and encodes the rest, so an interrupted build
+    continues from where it stopped (and an item fixed in between is re-encoded). Only
+    when all shards exist is the FAISS index assembled and the finished directory
+    swapped in; until then ``out_dir`` holds no manifest and cannot be loaded.
+    ``on_shard_done(shard, num_shards)`` is called after each newly encoded shard.
+    """
+    say = log or (lambda _: None)
+    out = Path(out_dir)
+    if (out / MANIFEST_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds an index; pass overwrite=True (--overwrite) to replace it")
+    _check_replaceable(out)
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    spec = IndexSpec(index_type=index_type, nlist=nlist, hnsw_m=hnsw_m)
+    spec.validate()
+    items = as_items(items, "corpus item")
+    ids, records = make_records(items, ids, metadata)
+    if not items:
+        raise ValueError("the corpus is empty")
+    fingerprint = model.fingerprint()
+    shards_dir = out / SHARDS_DIR
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    bounds = [(start, min(len(items), start + shard_size)) for start in range(0, len(items), shard_size)]
+    files = [shards_dir / f"shard-{number:06d}.npz" for number in range(len(bounds))]
+
+    reused = encoded = 0
+    seconds = 0.0
+    dimension = None
+    for number, ((start, stop), file) in enumerate(zip(bounds, files)):
+        expected = shard_hash(ids[start:stop], items[start:stop])
+        vectors = _load_finished_shard(file, fingerprint, expected, stop - start)
+        if vectors is not None:
+            reused += 1
+        else:
+            began = time.perf_counter()
+            vectors = model.encode(items[start:stop], role="document", batch_size=batch_size,
+                                   show_progress=show_progress)
+            seconds += time.perf_counter() - began
+            encoded += stop - start
+            write_npz_atomically(file, vectors=vectors.astype(np.float32), ids=np.array(ids[start:stop]),
+                                 fingerprint=np.array(fingerprint), content_hash=np.array(expected))
+            say(f"shard {number + 1}/{len(bounds)}: {stop - start} items encoded")
+            if on_shard_done is not None:
+                on_shard_done(number, len(bounds))
+        if dimension is None:
+            dimension = vectors.shape[1]
+        elif vectors.shape[1] != dimension:
+            raise RuntimeError(f"{file}: vectors of size {vectors.shape[1]}, expected {dimension}")
+    if reused:
+        say(f"reused {reused} of {len(bounds)} finished shard(s) from {shards_dir}")
+    if encoded:
+        say(f"encoded {encoded} items in {seconds:.1f}s ({encoded / max(seconds, 1e-9):.1f} items/s)")
+
+    def chunks() -> Iterator[np.ndarray]:
+        for file in files:
+            with np.load(file, allow_pickle=False) as data:
+                yield data["vectors"]
+
+    faiss_index = assemble_faiss(chunks, len(items), dimension, spec)
+    index = Index(faiss_index, records, new_manifest(fingerprint, dimension, spec, len(items), model_source),
+                  model=model)
+    index.save(out)  # swaps the finished directory in; the shards go with the old one
+    say(f"wrote a {spec.index_type} index of {len(items)} items to {out}")
+    return index
+
+
+def iter_shard_files(out_dir: str | os.PathLike) -> Iterable[Path]:
+    """The shard files of a build in progress (for inspection and tests)."""
+    return sorted((Path(out_dir) / SHARDS_DIR).glob("shard-*.npz"))
