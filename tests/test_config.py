@@ -36,3 +36,8 @@ def test_wrong_type_is_rejected():
 def test_invalid_combination_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="pooling=last"):
         load_config(None, ["model.num_tokens=0", "model.pooling=mean"])
+
+
+def test_scientific_notation_is_a_number():
+    config = apply_overrides(Config(), ["train.lr=1e-4", "loss.temperature=2e-2"])
+    assert config.train.lr == 1e-4 and config.loss.temperature == 0.02

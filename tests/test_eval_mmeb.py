@@ -210,8 +210,8 @@ def test_bad_examples_name_the_row_and_field(tiny_model, pictures, tmp_path):
         evaluate_mmeb(tiny_model, {"X": [no_content]}, None, log=None)
     with pytest.raises(EvalDataError, match="subset X: no examples"):
         evaluate_mmeb(tiny_model, {"X": []}, None, log=None)
-    with pytest.raises(NotImplementedError, match="rerank"):
-        evaluate_mmeb(tiny_model, {"X": [ok]}, None, rerank=5, log=None)
+    with pytest.raises(ValueError, match="rerank must be >= 0"):
+        evaluate_mmeb(tiny_model, {"X": [ok]}, None, rerank=-1, log=None)
 
 
 def write_mmeb_eval_file(path, rows):

@@ -88,9 +88,11 @@ def test_cli_retrieval_writes_json(files, capsys):
     assert printed == written
     assert set(written["metrics"]) == {"hit@1", "recall@1", "recall@3", "ndcg@10", "mrr"}
     assert written["throughput"]["items_encoded"] == 3 + 5
-    with pytest.raises(SystemExit, match="not available yet"):
-        main(["eval", "retrieval", "--model", "tiny", "--queries", str(files / "queries.jsonl"), "--corpus",
-              str(files / "corpus.jsonl"), "--qrels", str(files / "qrels.tsv"), "--rerank", "3", "--no-cache"])
+    assert main(["eval", "retrieval", "--model", "tiny", "--queries", str(files / "queries.jsonl"), "--corpus",
+                 str(files / "corpus.jsonl"), "--qrels", str(files / "qrels.tsv"), "--rerank", "3", "--no-cache",
+                 "--ks", "1", "3", "--json"]) == 0
+    reranked = json.loads(capsys.readouterr().out)
+    assert reranked["rerank"] == 3 and set(reranked["metrics"]) == set(written["metrics"])
 
 
 def test_items_from_a_directory_of_images(tmp_path):

@@ -215,5 +215,9 @@ def test_cli_build_and_search(tmp_path, corpus, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     with pytest.raises(SystemExit, match="fingerprint"):
         main(["search", "--index", str(out), "--model", "tiny:small", "--text", "x"])
-    with pytest.raises(SystemExit, match="not available yet"):
-        main(["search", "--index", str(out), "--text", "x", "--rerank", "5"])
+    assert main(["search", "--index", str(out), "--text", "a red square", "-k", "8", "--json"]) == 0
+    first_stage = [h["id"] for h in json.loads(capsys.readouterr().out)]
+    assert main(["search", "--index", str(out), "--text", "a red square", "-k", "8", "--rerank", "5", "--json"]) == 0
+    reranked = [h["id"] for h in json.loads(capsys.readouterr().out)]
+    assert sorted(reranked[:5]) == sorted(first_stage[:5])  # a permutation of the first-stage top 5
+    assert reranked[5:] == first_stage[5:]

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from rematch.losses import LossWeights, ReMatchLoss, info_nce, matching_loss, orthogonality
+from rematch.losses import LossWeights, ReMatchLoss, info_nce, matching_loss, objective, orthogonality
 
 
 def unit(rows):
@@ -92,7 +92,7 @@ def _loss_and_grad(q_raw, p_raw, n_raw):
     weight = _encoder_weight().requires_grad_(True)
     q, p, n = (F.normalize(t @ weight, dim=-1) for t in (q_raw, p_raw, n_raw))
     terms = ReMatchLoss(LossWeights(1.0, 0.0, 0.0), temperature=0.1)(q, p, n)
-    terms["loss"].backward()
+    objective(terms).backward()
     return terms["contrastive"].item(), weight.grad
 
 

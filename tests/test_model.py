@@ -176,3 +176,24 @@ def test_projector_and_answer_logits(tiny_model):
     full = tiny_model.backbone.lm_head(hidden)
     expected = full[:, [tiny_model.yes_token_id, tiny_model.no_token_id]]
     torch.testing.assert_close(logits, expected)
+
+
+def test_merge_lora_gives_a_standalone_model_that_encodes_the_same(tmp_path, shape_images):
+    from rematch.cli import main
+
+    model = ReMatchModel.tiny(k=4, seed=6)
+    model.enable_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in model.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["merge-lora", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = ReMatchModel.from_pretrained(tmp_path / "merged")
+    assert not hasattr(merged.backbone, "peft_config")
+    items = mixed_items(shape_images)
+    for role in ("query", "document"):
+        cosine = (model.encode(items, role=role) * merged.encode(items, role=role)).sum(axis=1)
+        assert cosine.min() >= 0.9999

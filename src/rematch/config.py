@@ -103,6 +103,9 @@ class DataConfig:
     """Per-subset mixing weights (default: proportional to size)."""
     skip_bad: bool = False
     """Skip (and count) bad rows instead of stopping at the first one."""
+    strip_orphan_placeholders: bool = False
+    """Drop (and count) an image placeholder in a text whose row has no image (published
+    MMEB-train WebQA rows have this quirk; without this they are errors)."""
     num_workers: int = 0
     """DataLoader worker processes preparing batches (image loading, tokenisation)."""
     builtin_train_rows: int = 2000
@@ -157,6 +160,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no, bf16 or fp16 (accelerate's autocast)."""
     gradient_checkpointing: bool = False
+    grad_cache_chunk: int = 0
+    """GradCache: embed the batch in chunks of this many items (0 = off, one plain forward).
+    Gives the exact large-batch gradient with the activation memory of one chunk."""
     freeze_vision: bool = True
     """Keep the vision tower frozen during full fine-tuning (LoRA never touches it)."""
     log_every: int = 1
@@ -184,6 +190,11 @@ class Config:
             raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
         if self.train.batch_size < 2 and self.loss.contrastive:
             raise ConfigError("train.batch_size must be >= 2 for a contrastive loss")
+        if self.train.grad_cache_chunk < 0:
+            raise ConfigError(f"train.grad_cache_chunk must be >= 0, got {self.train.grad_cache_chunk}")
+        if self.train.grad_cache_chunk and self.train.mixed_precision == "fp16":
+            raise ConfigError("GradCache (train.grad_cache_chunk) needs mixed_precision no or bf16: fp16 loss "
+                              "scaling across its several backward passes is not supported")
         if self.train.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.train.mixed_precision!r}")
         if self.loss.temperature <= 0:
@@ -340,6 +351,11 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key} expects an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} expects a number, got {value!r}")
         return float(value)

@@ -89,11 +89,21 @@ class LossWeights:
     matching: float = 0.1
 
 
+OBJECTIVE = "objective"
+
+
+def objective(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor to backpropagate: the world-size-corrected objective when distributed, else the loss."""
+    return terms.get(OBJECTIVE, terms["loss"])
+
+
 class ReMatchLoss(nn.Module):
     """Combines the three terms; a term whose weight is 0 (or whose inputs are absent) is skipped.
 
     ``forward`` returns ``{"loss": total, "contrastive": ..., "orthogonality": ..., "matching": ...}``
-    holding only the terms that were computed, so logs show what actually trained.
+    holding only the terms that were computed, so logs show what actually trained. Under
+    several processes it adds ``"objective"``, the total to backpropagate (see
+    :func:`objective`); ``"loss"`` stays the value a single process would report.
     """
 
     def __init__(self, weights: LossWeights | None = None, temperature: float = 0.02):
@@ -109,11 +119,15 @@ class ReMatchLoss(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         total = query_embeddings.new_zeros((), dtype=torch.float32)
+        objective_extra = None
         if self.weights.contrastive:
             terms["contrastive"] = info_nce(query_embeddings, positive_embeddings, negative_embeddings,
                                             self.temperature)
-            # x world size: DDP averages gradients, and each rank holds only its slice's share.
-            total = total + self.weights.contrastive * world_size() * terms["contrastive"]
+            total = total + self.weights.contrastive * terms["contrastive"]
+            if world_size() > 1:
+                # DDP averages gradients and each rank holds only its slice's share of this
+                # global term: backpropagate it x world size (see the module docstring).
+                objective_extra = (world_size() - 1) * self.weights.contrastive * terms["contrastive"]
         if self.weights.orthogonality and token_states is not None and token_states.shape[1] > 1:
             terms["orthogonality"] = orthogonality(token_states)
             total = total + self.weights.orthogonality * terms["orthogonality"]
@@ -121,4 +135,6 @@ class ReMatchLoss(nn.Module):
             terms["matching"] = matching_loss(answer_logits, answer_labels)
             total = total + self.weights.matching * terms["matching"]
         terms["loss"] = total
+        if objective_extra is not None:
+            terms[OBJECTIVE] = total + objective_extra
         return terms

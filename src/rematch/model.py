@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from rematch.backbones import TORCH_DTYPES, adapter_for, load_backbone
 from rematch.backbones.base import EncoderBatch
 from rematch.config import ROLES, ModelConfig
-from rematch.data.items import Item, ItemLike, as_items
+from rematch.data.items import ItemLike, as_items
 from rematch.layers import EmbeddingProjector, init_learnable_tokens
 
 
@@ -107,6 +107,17 @@ class ReMatchModel(nn.Module):
 
         model = load_rematch_model(cls, Path(path), expected)
         return model.to(device) if device is not None else model
+
+    @classmethod
+    def load(cls, spec: str, device: str | torch.device | None = None) -> "ReMatchModel":
+        """A model from a short spec: ``tiny``, ``tiny:small``, ``tiny:small:qwen2_5_vl`` (offline,
+        untrained), or anything :meth:`from_pretrained` takes (a saved directory or hub id)."""
+        if spec == "tiny" or spec.startswith("tiny:"):
+            parts = spec.split(":")
+            size = parts[1] if len(parts) > 1 and parts[1] else "tiny"
+            family = parts[2] if len(parts) > 2 and parts[2] else "qwen2_vl"
+            return cls.tiny(size=size, backbone=family, device=device or "cpu")
+        return cls.from_pretrained(spec, device=device)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write backbone (or PEFT adapter), processor, learnable tokens, projector and config, atomically."""
@@ -243,6 +254,13 @@ class ReMatchModel(nn.Module):
         weights = weights_fingerprint(self.state_dict())
         config = repr(sorted(dataclasses.asdict(self.config).items()))
         return hashlib.sha256(f"{config}|{weights}".encode()).hexdigest()[:24]
+
+    def merge_lora(self) -> "ReMatchModel":
+        """Fold the LoRA/DoRA adapters into the backbone weights (a standalone model, no PEFT needed)."""
+        if not hasattr(self.backbone, "peft_config"):
+            raise RuntimeError("this model has no LoRA adapters to merge")
+        self.backbone = self.backbone.merge_and_unload()
+        return self
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -18,16 +18,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from rematch.backbones import MODEL_CLASSES, TORCH_DTYPES, load_backbone, load_pretrained_backbone
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
+from rematch.atomic import write_directory_atomically
 from rematch.config import ROLES, ModelConfig, from_dict
 
 CONFIG_NAME = "rematch_config.json"
@@ -37,39 +36,6 @@ FORMAT_VERSION = 1
 
 class CheckpointMismatchError(ValueError):
     """A saved model does not match what the caller asked for or what its files hold."""
-
-
-# ---------------------------------------------------------------------------- atomic writes
-
-
-def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp_dir)`` then move the finished directory to ``target`` in one rename.
-
-    An existing ``target`` is moved aside first and deleted only after the new one is in
-    place, so at every instant either the old or the new complete directory exists.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = target.parent / f".{target.name}.tmp-{tag}"
-    old = target.parent / f".{target.name}.old-{tag}"
-    try:
-        tmp.mkdir()
-        write(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 # ---------------------------------------------------------------------------- fingerprints

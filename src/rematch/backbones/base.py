@@ -39,6 +39,33 @@ class EncoderBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def rows(self, start: int, stop: int) -> "EncoderBatch":
+        """Rows ``start:stop`` as a batch of their own (their images only, shared left padding trimmed).
+
+        Each row holds at most one image, in row order, which is what lets GradCache cut a
+        batch into chunks without re-processing anything.
+        """
+        has_image = self.mm_token_type_ids.bool().any(dim=1).tolist()
+        first_image, last_image = sum(has_image[:start]), sum(has_image[:stop])
+        pixel_values = image_grid_thw = None
+        if self.image_grid_thw is not None and last_image > first_image:
+            patches = self.image_grid_thw.prod(dim=1).tolist()
+            begin, end = sum(patches[:first_image]), sum(patches[:last_image])
+            pixel_values = self.pixel_values[begin:end]
+            image_grid_thw = self.image_grid_thw[first_image:last_image]
+        mask = self.attention_mask[start:stop]
+        used = mask.bool().any(dim=0).nonzero()
+        left = int(used[0]) if len(used) else 0
+        return EncoderBatch(
+            input_ids=self.input_ids[start:stop, left:],
+            attention_mask=mask[:, left:],
+            position_ids=self.position_ids[:, start:stop, left:],
+            mm_token_type_ids=self.mm_token_type_ids[start:stop, left:],
+            num_slots=self.num_slots,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+        )
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EncoderBatch":
         moved = {}
         for f in fields(self):

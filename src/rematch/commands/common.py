@@ -7,16 +7,10 @@ from pathlib import Path
 
 
 def load_model(spec: str, device: str | None = None):
-    """``tiny`` / ``tiny:small`` / ``tiny:small:qwen2_5_vl`` build offline; anything else is a path or hub id."""
+    """``tiny[:size[:family]]`` builds offline; anything else is a model directory or hub id."""
     from rematch import ReMatchModel
 
-    if spec.startswith("tiny"):
-        parts = spec.split(":")
-        size = parts[1] if len(parts) > 1 else "tiny"
-        family = parts[2] if len(parts) > 2 else "qwen2_vl"
-        model = ReMatchModel.tiny(size=size, backbone=family)
-        return model.to(device) if device else model
-    return ReMatchModel.from_pretrained(spec, device=device)
+    return ReMatchModel.load(spec, device)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

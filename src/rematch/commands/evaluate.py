@@ -61,6 +61,7 @@ def cmd_mmeb(args: argparse.Namespace) -> int:
         summary = evaluate_mmeb_source(
             _model(args, device), args.data, args.out, subsets=args.subsets, split=args.split,
             image_root=args.image_root, skip_bad=args.skip_bad, batch_size=args.batch_size,
+            strip_orphan_placeholders=args.strip_orphan_placeholders,
             cache_dir=_cache_dir(args), plot=not args.no_plot, rerank=args.rerank, show_progress=args.progress)
         if args.compare and is_main_process():
             print(compare_summaries(load_summary(args.compare), summary, names=(args.compare, args.out)))
@@ -94,7 +95,7 @@ def _common(parser: argparse.ArgumentParser, model_required: bool = True) -> Non
                         help="embedding cache directory (default $REMATCH_CACHE_DIR or ~/.cache/rematch/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
     parser.add_argument("--rerank", type=int, default=0, metavar="N",
-                        help="rerank the top N with the matching head (not available yet)")
+                        help="rerank the top N with the matching head (p(Yes) of the generative branch)")
     parser.add_argument("--progress", action="store_true", help="show encoding progress bars")
 
 
@@ -112,6 +113,8 @@ def register(sub) -> None:
     mmeb.add_argument("--split", default="test")
     mmeb.add_argument("--image-root", default=None, help="directory the rows' image paths are relative to")
     mmeb.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable rows instead of stopping")
+    mmeb.add_argument("--strip-orphan-placeholders", action="store_true",
+                      help="drop (and count) an image placeholder in a row without an image (MMEB's WebQA quirk)")
     mmeb.add_argument("--out", required=True, help="output directory (<Subset>.json, summary.json/.md/.png)")
     mmeb.add_argument("--no-plot", action="store_true")
     mmeb.add_argument("--compare", default=None, metavar="OTHER_OUT",

@@ -83,7 +83,7 @@ def register(sub) -> None:
     search.add_argument("--instruction", default=None, help="task instruction for the query")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--rerank", type=int, default=0, metavar="N",
-                        help="rerank the top N with the matching head (not available yet)")
+                        help="rerank the top N with the matching head (p(Yes) of the generative branch)")
     search.add_argument("--nprobe", type=int, default=None, help="IVF lists to search")
     search.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
     search.add_argument("--json", action="store_true", help="print hits as JSON")

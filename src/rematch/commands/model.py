@@ -39,6 +39,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from rematch import ReMatchModel
+
+    model = ReMatchModel.from_pretrained(args.input)
+    model.merge_lora().save_pretrained(args.output)
+    print(f"merged the LoRA adapters of {args.input} into a standalone model at {args.output}")
+    return 0
+
+
 def register(sub) -> None:
     tiny = sub.add_parser("tiny", help="save an untrained offline tiny ReMatch model")
     tiny.add_argument("--out", required=True)
@@ -56,6 +65,11 @@ def register(sub) -> None:
     encode.add_argument("--batch-size", type=int, default=16)
     encode.add_argument("--device", default=None)
     encode.set_defaults(func=cmd_encode)
+
+    merge = sub.add_parser("merge-lora", help="fold a trained model's LoRA adapters into its backbone")
+    merge.add_argument("input", help="a saved ReMatch model with LoRA adapters")
+    merge.add_argument("output", help="where to write the standalone model")
+    merge.set_defaults(func=cmd_merge_lora)
 
     info = sub.add_parser("info", help="print a saved model's rematch_config.json")
     info.add_argument("model")

@@ -33,8 +33,8 @@ from rematch.data.records import EvalExample, RowRef
 from rematch.evaluation.cache import CachedEncoder, EncodeStats
 from rematch.evaluation.distributed import encode_across_ranks, gather_stats, is_main_process
 from rematch.evaluation.metrics import check_finite, mean_metrics, per_query_metrics, ranks_of_relevant
-from rematch.retrieval.atomic import write_json_atomically
-from rematch.retrieval.rerank_hook import check_rerank, reranked_scores
+from rematch.atomic import write_json_atomically
+from rematch.retrieval.rerank import check_rerank, reranked_scores
 
 #: Score-matrix chunks are kept under this many floats (queries x unique candidates).
 _SCORE_BLOCK = 1 << 23
@@ -153,8 +153,9 @@ def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalEx
         for row, indices in enumerate(data.candidate_lists):
             query = data.queries[data.query_index[row]]
             candidates = [data.candidates[i] for i in indices]
-            scores[row, :len(indices)] = reranked_scores(encoder.model, query, candidates,
-                                                         scores[row, :len(indices)], rerank)
+            scores[row, :len(indices)] = reranked_scores(
+                encoder.model, query, candidates, scores[row, :len(indices)], rerank,
+                query_embedding=query_vectors[data.query_index[row]], candidate_embeddings=candidate_vectors[indices])
     ranks = ranks_of_relevant(scores, np.zeros((len(data), 1), dtype=np.int64))
     metrics = mean_metrics(per_query_metrics(ranks, hit_ks=ks))
     info = subset_info(name)
@@ -234,12 +235,15 @@ def evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]]
 def evaluate_mmeb_source(model, source: str, out_dir: str | os.PathLike | None, *,
                          subsets: Sequence[str] | None = None, split: str = "test",
                          image_root: str | None = None, skip_bad: bool = False,
+                         strip_orphan_placeholders: bool = False,
                          log: Callable[[str], None] | None = print, **options) -> dict:
     """:func:`evaluate_mmeb` on MMEB-eval data: a local ROOT (``ROOT/<Subset>/test.jsonl|parquet``),
     one file, or a Hugging Face id such as ``TIGER-Lab/MMEB-eval`` (images under ``image_root``).
 
     With ``skip_bad`` unusable rows are skipped, counted per subset (``skipped_rows``) and
     summarised at the end; without it the first bad row is an error naming file, row and field.
+    ``strip_orphan_placeholders`` repairs (and counts) texts that carry an image placeholder
+    without an image, a quirk of some published MMEB rows (WebQA).
     """
     from rematch.data.mmeb import iter_eval_examples, list_subsets
     from rematch.data.validation import BadRowReport
@@ -249,7 +253,8 @@ def evaluate_mmeb_source(model, source: str, out_dir: str | os.PathLike | None, 
         raise EvalDataError(f"{source}: no subsets with a '{split}' split")
     reports = {name: BadRowReport() for name in names}
     examples = {name: iter_eval_examples(source, name, image_root=image_root, skip_bad=skip_bad,
-                                         report=reports[name], split=split) for name in names}
+                                         report=reports[name], split=split,
+                                         strip_orphan_placeholders=strip_orphan_placeholders) for name in names}
     summary = evaluate_mmeb(model, examples, out_dir, skipped_rows=reports, log=log, **options)
     if log and is_main_process():
         for name, report in reports.items():

@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 
 from rematch.data.mmeb_subsets import META_TASKS, MMEB_SUBSETS, OTHER, subset_info
-from rematch.retrieval.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
+from rematch.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
 
 _METRIC = re.compile(r"^(hit|recall|ndcg)@\d+$|^mrr$")
 SPLITS = ("IND", "OOD")

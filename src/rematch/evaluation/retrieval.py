@@ -29,9 +29,9 @@ from rematch.data.items import Item
 from rematch.evaluation.cache import CachedEncoder
 from rematch.evaluation.distributed import encode_across_ranks, gather_stats, is_main_process
 from rematch.evaluation.metrics import RelevantRanks, check_finite, mean_metrics, per_query_metrics, ranks_of_relevant
-from rematch.retrieval.atomic import write_json_atomically
+from rematch.atomic import write_json_atomically
 from rematch.retrieval.corpus import CorpusError
-from rematch.retrieval.rerank_hook import check_rerank, reranked_scores
+from rematch.retrieval.rerank import check_rerank, reranked_scores
 
 _SCORE_BLOCK = 1 << 22
 _HEADER_NAMES = {"query-id", "query_id", "qid", "query"}
@@ -149,7 +149,9 @@ def evaluate_retrieval(model, query_ids: Sequence[str], queries: Sequence[Item],
         check_finite(scores, "retrieval scores")
         if rerank:
             for row in range(end - begin):
-                scores[row] = reranked_scores(model, queries[judged[begin + row]], corpus, scores[row], rerank)
+                scores[row] = reranked_scores(model, queries[judged[begin + row]], corpus, scores[row], rerank,
+                                              query_embedding=query_vectors[begin + row],
+                                              candidate_embeddings=corpus_vectors)
         ranks = ranks_of_relevant(scores, relevant_index[begin:end], relevant_grade[begin:end])
         all_ranks.append(ranks.ranks)
         all_grades.append(ranks.grades)

@@ -36,8 +36,8 @@ import numpy as np
 
 from rematch.data.items import Item, ItemLike, as_items
 from rematch.evaluation.cache import image_stamp
-from rematch.retrieval.atomic import write_npz_atomically
-from rematch.retrieval.rerank_hook import check_rerank, rerank_order
+from rematch.atomic import write_npz_atomically
+from rematch.retrieval.rerank import check_rerank, rerank
 
 FORMAT_VERSION = 1
 INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, SHARDS_DIR = "index.faiss", "items.jsonl", "manifest.json", "shards"
@@ -181,7 +181,7 @@ class Index:
         """Write the index directory atomically (an existing index there is replaced)."""
         import faiss
 
-        from rematch.serialization import write_directory_atomically
+        from rematch.atomic import write_directory_atomically
 
         path = Path(path).absolute()  # "." has no name to swap a sibling in under
         _check_replaceable(path)
@@ -226,7 +226,7 @@ class Index:
                batch_size: int = 16) -> list[list[SearchHit]]:
         """Top-``k`` hits for each query (one list per query; a single item counts as one query).
 
-        ``rerank=N`` re-orders the top N with the matching head (not available yet).
+        ``rerank=N`` re-orders the top N with the matching head (p(Yes), see rematch.retrieval.rerank).
         """
         check_rerank(rerank)
         if self.model is None:
@@ -279,7 +279,7 @@ class Index:
         if self._positions is None:
             self._positions = {item_id: position for position, item_id in enumerate(self.ids)}
         head = hits[:top_n]
-        order = rerank_order(self.model, query, [self.item(self._positions[hit.id]) for hit in head], len(head))
+        order = rerank(self.model, query, [self.item(self._positions[hit.id]) for hit in head], len(head))
         reordered = [head[i] for i in order] + hits[top_n:]
         return [SearchHit(hit.id, hit.score, rank, hit.metadata) for rank, hit in enumerate(reordered, start=1)]
 
@@ -288,12 +288,12 @@ def open_index(path: str | os.PathLike, model_spec: str | None = None, device: s
                verify: bool = False) -> Index:
     """Load an index with a model ready to search it: ``model_spec`` (a directory, hub id or
     ``tiny``) or, by default, the model recorded in the manifest; it must match the index."""
-    from rematch.commands.common import load_model
+    from rematch.model import ReMatchModel
 
     spec = model_spec or read_manifest(Path(path)).get("model_source")
     if not spec:
         raise IndexFormatError(f"{path}: the manifest records no model source; pass the model explicitly")
-    return Index.load(path, model=load_model(spec, device), verify=verify)
+    return Index.load(path, model=ReMatchModel.load(spec, device), verify=verify)
 
 
 # ---------------------------------------------------------------------------- pieces shared by both builds

@@ -1,0 +1,81 @@
+"""Atomic writes of files and whole directories: write a temporary sibling, fsync, rename.
+
+A reader (or a resumed run) therefore sees either the old complete file or directory or
+the new complete one, never a truncated one -- which is what lets an interrupted index
+build, evaluation or training run resume by trusting whatever it finds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Call ``write(handle)`` on a temporary file next to ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    return write_atomically(path, lambda handle: handle.write(data))
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_json_atomically(path: str | os.PathLike, value: Any) -> Path:
+    return write_text_atomically(path, json.dumps(value, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def write_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    return write_atomically(path, lambda handle: np.savez(handle, **arrays))
+
+
+def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp_dir)`` then move the finished directory to ``target`` in one rename.
+
+    An existing ``target`` is moved aside first and deleted only after the new one is in
+    place, so at every instant either the old or the new complete directory exists.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,123 @@
+"""Two processes x batch B == one process x batch 2B: losses, gradients and trained weights (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from rematch import ReMatchModel
+from rematch.config import LossConfig, load_config
+from rematch.data.collate import TrainCollator
+from rematch.data.mmeb import open_train_source
+from rematch.data.shapes_tasks import write_shapes_dataset
+from rematch.losses import objective
+from rematch.training.gradcache import GradCache, average_gradients_across_processes
+from rematch.training.loop import train
+from rematch.training.step import ReMatchTrainingModule
+
+B = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _module() -> ReMatchTrainingModule:
+    model = ReMatchModel.tiny(k=4, seed=0, max_pixels=56 * 56)
+    return ReMatchTrainingModule(model, LossConfig(matching=0.1, matching_samples=0), seed=0)
+
+
+def _examples(root: str, count: int):
+    return open_train_source(root, seed=0).take(count)
+
+
+def _grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _worker(rank: int, world: int, port: int, root: str, out: str, use_gradcache: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        module = _module()
+        batch = TrainCollator(module.model)(_examples(root, B * world)[rank * B:(rank + 1) * B])
+        if use_gradcache:
+            terms = GradCache(module, chunk_size=3).step(batch)
+        else:
+            terms = module(batch)
+            objective(terms).backward()
+            average_gradients_across_processes(module)  # what DDP does after backward
+        torch.save({"terms": {k: v.item() for k, v in terms.items()}, "grads": _grads(module)},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    return str(write_shapes_dataset(tmp_path_factory.mktemp("shapes"), train_rows=40, eval_queries=0, seed=1,
+                                    image_size=56))
+
+
+@pytest.mark.parametrize("use_gradcache", [False, True], ids=["plain", "gradcache"])
+def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path, shapes_root, use_gradcache):
+    torch.set_num_threads(1)
+    single = _module()
+    batch = TrainCollator(single.model)(_examples(shapes_root, 2 * B))
+    terms = single(batch)
+    objective(terms).backward()
+    expected = _grads(single)
+
+    mp.spawn(_worker, args=(2, _free_port(), shapes_root, str(tmp_path), use_gradcache), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        assert result["terms"]["contrastive"] == pytest.approx(terms["contrastive"].item(), rel=1e-5)
+    for term in ("orthogonality", "matching"):  # local means; their average is the global mean
+        mean = sum(r["terms"][term] for r in ranks) / 2
+        assert mean == pytest.approx(terms[term].item(), rel=1e-4), term
+    for result in ranks:
+        assert set(result["grads"]) == set(expected)
+        worst = max(float((result["grads"][n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(1e-12))
+                    for n in expected)
+        assert worst < 1e-4
+
+
+def test_torchrun_two_processes_train_the_same_weights_as_one(tmp_path):
+    overrides = ["--steps", "2", "--train.warmup_ratio", "0", "--data.builtin_train_rows", "40",
+                 "--model.num_tokens", "4", "--loss.matching_samples", "0", "--model.max_pixels", "3136",
+                 "--train.save_every", "0", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = tmp_path / "two"
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                "--master_port", str(_free_port()), "-m", "rematch.cli", "train",
+                                "--config", "configs/demo-tiny.yaml", "--out", str(two),
+                                "--train.batch_size", str(B), *overrides], env=env, capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("trained 2 steps") == 1  # only the main process reports
+    one = tmp_path / "one"
+    flat = dict(zip(overrides[0:-1:2], overrides[1::2]))
+    config = load_config("configs/demo-tiny.yaml", [f"train.out={one}", f"train.batch_size={2 * B}"]
+                         + [f"{k.lstrip('-').replace('steps', 'train.steps')}={v}" for k, v in flat.items()])
+    train(config, show_progress=False, log=lambda *_: None)
+    logged = [[json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()] for run in (two, one)]
+    for a, b in zip(*logged):
+        assert a["contrastive"] == pytest.approx(b["contrastive"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    final = "checkpoints/step-00000002/trainable.safetensors"
+    a, b = load_file(str(two / final)), load_file(str(one / final))
+    for name in a:
+        # Adam moves an element by up to lr (1.5e-4 here) whatever its gradient's size, so float
+        # noise in a near-zero gradient can show as a few 1e-5 in the weights.
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4, msg=name)
