@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rematch.config import Config, dump_yaml
+from rematch.config import Config, ConfigError, dump_yaml
 from rematch.losses import OBJECTIVE, objective
 from rematch.model import ReMatchModel
 from rematch.training.batches import BatchStream, open_source
@@ -85,6 +85,11 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.train.seed)
     is_main = accelerator.is_main_process
+    sharded = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
+    if sharded and (config.train.save_every or config.train.resume or config.train.grad_cache_chunk):
+        raise ConfigError(f"under {accelerator.distributed_type.name}, resumable checkpoints (train.save_every, "
+                          "train.resume) and GradCache (train.grad_cache_chunk) are not supported yet; set them "
+                          "to 0/false, or use plain DDP (the paper's LoRA recipes fit without sharding)")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, out / "config.yaml")
@@ -170,8 +175,9 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
         progress.close()
         stream.close()
     seconds = time.perf_counter() - started
-    _checkpoint(accelerator, checkpoints, config.train.steps, unwrapped, optimizer, scheduler,
-                last_data_state, config)
+    if not sharded:  # the final state, so a later run can continue with more steps
+        _checkpoint(accelerator, checkpoints, config.train.steps, unwrapped, optimizer, scheduler,
+                    last_data_state, config)
     model_dir = out / "model"
     plot = None
     skipped = 0
