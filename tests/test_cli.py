@@ -28,11 +28,3 @@ def test_tiny_then_encode_then_info(tmp_path, image_files, capsys):
     np.testing.assert_allclose(vectors, expected, atol=1e-6)
     assert main(["info", str(model_dir)]) == 0
     assert '"num_tokens": 4' in capsys.readouterr().out
-
-
-def test_demo_prints_a_similarity_table(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
-    assert "a large red circle" in printed and "img3" in printed
-    similarity = np.load(tmp_path / "similarity.npy")
-    assert similarity.shape == (4, 4) and np.isfinite(similarity).all()

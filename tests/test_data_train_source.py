@@ -189,3 +189,19 @@ def test_sharded_parquet_splits_read_as_one_subset_with_per_file_row_ids(tmp_pat
     assert len(seen) == 25
     assert all(text == f"query {row + (20 if name.startswith('train-00001') else 0)}" for name, row, text in seen)
     assert max(row for name, row, _ in seen if name.startswith("train-00001")) == 4  # the cap ends in shard 2
+
+
+def test_subset_runs_keep_each_batch_within_one_subset_and_resume(shapes_root):
+    source = open_train_source(str(shapes_root), seed=4, subset_run=6)
+    subsets = [e.subset for e in source.take(36)]
+    runs = [subsets[i:i + 6] for i in range(0, 36, 6)]
+    assert all(len(set(run)) == 1 for run in runs)
+    assert len({run[0] for run in runs}) > 1  # different batches still come from different subsets
+    source.take(4)  # stop in the middle of a run
+    state = source.state_dict()
+    expected = [(e.subset, e.ref.row) for e in source.take(20)]
+    resumed = open_train_source(str(shapes_root), seed=4, subset_run=6)
+    resumed.load_state_dict(state)
+    assert [(e.subset, e.ref.row) for e in resumed.take(20)] == expected
+    with pytest.raises(ValueError, match="subset_run"):
+        open_train_source(str(shapes_root), seed=4, subset_run=3).load_state_dict(state)

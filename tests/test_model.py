@@ -197,3 +197,21 @@ def test_merge_lora_gives_a_standalone_model_that_encodes_the_same(tmp_path, sha
     for role in ("query", "document"):
         cosine = (model.encode(items, role=role) * merged.encode(items, role=role)).sum(axis=1)
         assert cosine.min() >= 0.9999
+
+
+def test_prepare_is_safe_from_several_threads(tiny_model, shape_images):
+    """Batch prefetching and the matching branch tokenise at the same time during training."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = mixed_items(shape_images)
+
+    def padded(round_):
+        return tiny_model.prepare(items[round_ % 3:], role="query").input_ids.shape
+
+    def unpadded(round_):
+        return len(tiny_model.adapter.tokenize_blocks(["Query: a", "Document: " + "b " * (round_ % 7)], []).input_ids)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(padded if i % 2 else unpadded, i) for i in range(80)]
+        results = [f.result() for f in futures]
+    assert len(results) == 80

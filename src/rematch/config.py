@@ -107,7 +107,10 @@ class DataConfig:
     """Drop (and count) an image placeholder in a text whose row has no image (published
     MMEB-train WebQA rows have this quirk; without this they are errors)."""
     num_workers: int = 0
-    """DataLoader worker processes preparing batches (image loading, tokenisation)."""
+    """Threads preparing batches ahead of the step (image loading, tokenisation)."""
+    one_subset_per_batch: bool = True
+    """Draw every global batch from a single subset (chosen with the mixing weights), so the
+    in-batch negatives are same-task negatives, as multi-task embedding training usually does."""
     builtin_train_rows: int = 2000
     """Rows of the built-in shapes world to generate when ``source == "builtin"``."""
     builtin_seed: int = 0
@@ -126,6 +129,9 @@ class LossConfig:
     sub-batch bounds its cost; the choice is random through the shuffled data order."""
     in_batch_negatives: bool = True
     """For rows without a hard negative, match against the most similar other positive."""
+    hard_negatives: bool = True
+    """Use the data's hard negatives (in the contrastive pool and for matching). False trains
+    with in-batch negatives only, as the ablation's baseline does."""
 
 
 @dataclass

@@ -49,6 +49,7 @@ DOCUMENT_HEADER = "\nDocument: "
 PROMPT, QUERY_RAW, QUERY_SOFT = 0, 1, 2
 QUERY_VIEWS = (QUERY_RAW, QUERY_SOFT)
 PAD_BLOCK = -1
+ANSWER_KIND = 100  # the answer block of pair p has kind ANSWER_KIND + p
 
 
 def document_blocks(j: int) -> tuple[int, int]:
@@ -151,7 +152,7 @@ def _sample_blocks(adapter: BackboneAdapter, sample: MatchSample, system: str, i
             soft_slot = 1 + (kind - 3) // 2
         blocks.append(_Block(kind, tokens.input_ids[index], tokens.token_types[index], [g for g, _ in taken],
                              [p for _, p in taken], torch.empty(0), soft_slot))
-    answer = _Block(-2, tokens.input_ids[-1], tokens.token_types[-1], [], [], torch.empty(0))
+    answer = _Block(ANSWER_KIND, tokens.input_ids[-1], tokens.token_types[-1], [], [], torch.empty(0))
     _assign_positions(adapter, blocks, answer)
     return blocks, answer
 
@@ -181,7 +182,7 @@ def _assign_positions(adapter: BackboneAdapter, blocks: list[_Block], answer: _B
 
 def _visibility(kinds_of_rows: list[list[int]], answer_pairs: dict[int, tuple[int, int]], length: int,
                 pad_id_rows: list[int]) -> torch.Tensor:
-    """Boolean (R, L, L) mask from per-token block kinds (answers have kinds >= 100)."""
+    """Boolean (R, L, L) mask from per-token block kinds (answers have kinds >= ANSWER_KIND)."""
     masks = []
     for kinds, row_length in zip(kinds_of_rows, pad_id_rows):
         kind = torch.tensor(kinds + [PAD_BLOCK] * (length - row_length))
@@ -246,30 +247,38 @@ def _labels(sample: MatchSample, pairs: list[tuple[int, int]]) -> list[int]:
     return [0 if sample.relevant[(doc_view - 3) // 2] else 1 for _, doc_view in pairs]
 
 
+def _answer_block(answer: _Block, pair: int) -> _Block:
+    return _Block(ANSWER_KIND + pair, answer.ids, answer.types, [], [], answer.positions)
+
+
+def _finish(adapter: BackboneAdapter, samples: Sequence[MatchSample], rows: list[list[_Block]],
+            row_samples: list[int], num_documents: int) -> MatchBatch:
+    """Locate every soft token and answer in the rows, and assemble the batch."""
+    pairs = view_pairs(num_documents)
+    soft_entries, answer_entries = [], []
+    for r, (row, s) in enumerate(zip(rows, row_samples)):
+        column = 0
+        for block in row:
+            column += len(block.ids)
+            if block.soft_slot is not None:
+                soft_entries.append((r, column - 1, soft_table_index(s, block.soft_slot, num_documents)))
+            if block.kind >= ANSWER_KIND:
+                answer_entries.append((r, column - 1))
+    labels = [label for sample in samples for label in _labels(sample, pairs)]
+    answer_pairs = {ANSWER_KIND + p: pair for p, pair in enumerate(pairs)}
+    return _assemble(rows, soft_entries, answer_entries, labels, len(samples), num_documents,
+                     adapter.tokenizer.pad_token_id, answer_pairs)
+
+
 def build_packed_batch(adapter: BackboneAdapter, samples: Sequence[MatchSample], system: str,
                        instruction: str, where: str = "sample") -> MatchBatch:
     """One packed row per sample (content encoded once, all pairs answered in the same row)."""
     num_documents = _check_samples(samples)
-    pairs = view_pairs(num_documents)
-    answer_pairs = {100 + p: pair for p, pair in enumerate(pairs)}
-    rows, soft_entries, answer_entries, labels = [], [], [], []
+    rows = []
     for s, sample in enumerate(samples):
         blocks, answer = _sample_blocks(adapter, sample, system, instruction, f"{where} {s}")
-        row = list(blocks)
-        column = 0
-        for block in blocks:
-            if block.soft_slot is not None:
-                soft_entries.append((s, column + len(block.ids) - 1, soft_table_index(s, block.soft_slot,
-                                                                                         num_documents)))
-            column += len(block.ids)
-        for p in range(len(pairs)):
-            row.append(_Block(100 + p, answer.ids, answer.types, [], [], answer.positions))
-            column += len(answer.ids)
-            answer_entries.append((s, column - 1))
-        rows.append(row)
-        labels += _labels(sample, pairs)
-    return _assemble(rows, soft_entries, answer_entries, labels, len(samples), num_documents,
-                     adapter.tokenizer.pad_token_id, answer_pairs)
+        rows.append(blocks + [_answer_block(answer, p) for p in range(4 * num_documents)])
+    return _finish(adapter, samples, rows, list(range(len(samples))), num_documents)
 
 
 def build_reference_batch(adapter: BackboneAdapter, samples: Sequence[MatchSample], system: str,
@@ -280,27 +289,14 @@ def build_reference_batch(adapter: BackboneAdapter, samples: Sequence[MatchSampl
     must equal the packed forward's (the test of the packing).
     """
     num_documents = _check_samples(samples)
-    pairs = view_pairs(num_documents)
-    answer_pairs = {100 + p: pair for p, pair in enumerate(pairs)}
-    rows, soft_entries, answer_entries, labels = [], [], [], []
+    rows, row_samples = [], []
     for s, sample in enumerate(samples):
         blocks, answer = _sample_blocks(adapter, sample, system, instruction, f"{where} {s}")
         by_kind = {block.kind: block for block in blocks}
-        for p, (query_view, doc_view) in enumerate(pairs):
-            r = len(rows)
-            row = [by_kind[PROMPT], by_kind[query_view], by_kind[doc_view],
-                   _Block(100 + p, answer.ids, answer.types, [], [], answer.positions)]
-            column = 0
-            for block in row:
-                if block.soft_slot is not None:
-                    soft_entries.append((r, column + len(block.ids) - 1,
-                                         soft_table_index(s, block.soft_slot, num_documents)))
-                column += len(block.ids)
-            answer_entries.append((r, column - 1))
-            rows.append(row)
-        labels += _labels(sample, pairs)
-    return _assemble(rows, soft_entries, answer_entries, labels, len(samples), num_documents,
-                     adapter.tokenizer.pad_token_id, answer_pairs)
+        for p, (query_view, doc_view) in enumerate(view_pairs(num_documents)):
+            rows.append([by_kind[PROMPT], by_kind[query_view], by_kind[doc_view], _answer_block(answer, p)])
+            row_samples.append(s)
+    return _finish(adapter, samples, rows, row_samples, num_documents)
 
 
 # ---------------------------------------------------------------------------- forward

@@ -16,6 +16,7 @@ M-RoPE numbering for blocks the model has never seen laid out that way.
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Iterable, Sequence
 
 import torch
@@ -72,11 +73,24 @@ class QwenVLAdapter(BackboneAdapter):
         self.spatial_merge = int(image_processor.merge_size)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.slot_token_id = self.tokenizer.convert_tokens_to_ids(SLOT_TOKEN)
+        # A fast tokenizer keeps its padding settings in shared mutable state, so two threads
+        # (batch prefetching and the matching branch) must not call the processor at once.
+        self._processor_lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_processor_lock")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._processor_lock = threading.Lock()
 
     # ----------------------------------------------------------------- data side
 
     def token_id(self, text: str) -> int:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self._processor_lock:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ValueError(f"{text!r} is {len(ids)} tokens for this tokenizer; it must be exactly one")
         return ids[0]
@@ -107,8 +121,9 @@ class QwenVLAdapter(BackboneAdapter):
         return self.chat_prefix(system) + self.content_text(item) + self.answer_prefix() + SLOT_TOKEN * num_slots
 
     def tokenize_blocks(self, texts: Sequence[str], images: Sequence) -> TokenizedBlocks:
-        encoded = self.processor(text=list(texts), images=list(images) or None, padding=False,
-                                 return_mm_token_type_ids=True)
+        with self._processor_lock:
+            encoded = self.processor(text=list(texts), images=list(images) or None, padding=False,
+                                     return_mm_token_type_ids=True)
         grids = [list(map(int, grid)) for grid in encoded.get("image_grid_thw", [])]
         pixel_values = encoded.get("pixel_values")
         return TokenizedBlocks(
@@ -133,8 +148,9 @@ class QwenVLAdapter(BackboneAdapter):
         indices = list(range(len(items))) if indices is None else list(indices)
         texts = [self.format_item(item, num_slots) for item in items]
         images = self.load_images(items, where, indices)
-        encoded = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                 return_tensors="pt", return_mm_token_type_ids=True)
+        with self._processor_lock:
+            encoded = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
+                                     return_tensors="pt", return_mm_token_type_ids=True)
         input_ids = encoded["input_ids"]
         attention_mask = encoded["attention_mask"]
         token_types = encoded["mm_token_type_ids"]
@@ -174,8 +190,9 @@ class QwenVLAdapter(BackboneAdapter):
         limit = self.config.max_text_tokens
         if not limit or len(text) <= limit:  # a token is at least one character
             return text
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
+        with self._processor_lock:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
 
     # ----------------------------------------------------------------- model side
 

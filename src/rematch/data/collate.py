@@ -62,11 +62,12 @@ class TrainCollator:
     """
 
     def __init__(self, model, skip_bad: bool = False, report: BadRowReport | None = None,
-                 all_negatives: bool = False):
+                 all_negatives: bool = False, with_negatives: bool = True):
         self.model = model
         self.skip_bad = skip_bad
         self.report = report if report is not None else BadRowReport()
         self.all_negatives = all_negatives
+        self.with_negatives = with_negatives  # False: ignore the rows' hard negatives entirely
 
     def __call__(self, examples: Sequence[TrainExample]) -> TrainBatch:
         examples = list(examples)
@@ -93,6 +94,8 @@ class TrainCollator:
     # ------------------------------------------------------------------ pieces
 
     def _negatives_of(self, example: TrainExample) -> tuple[Item, ...]:
+        if not self.with_negatives:
+            return ()
         return example.negatives if self.all_negatives else example.negatives[:1]
 
     def _build(self, examples: list[TrainExample]) -> TrainBatch:

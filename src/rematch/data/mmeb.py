@@ -397,10 +397,14 @@ def iter_eval_examples(source: str, subset: str, image_root: str | None = None, 
     report = report if report is not None else BadRowReport()
     (found,) = find_subsets(source, split, [subset] if not Path(source).is_file() else None, image_root)
     parser = RowParser(subset, found.image_root, strip_orphan_placeholders=strip_orphan_placeholders)
-    store = found.open(columns=EVAL_COLUMNS)
+    yield from _parsed_records(found.open(columns=EVAL_COLUMNS), parser.eval, report, skip_bad)
+
+
+def _parsed_records(store: RowStore, parse, report: BadRowReport, skip_bad: bool) -> Iterator:
+    """Every row of ``store`` parsed in file order; bad rows raise or are skipped and counted."""
     try:
         for index, row in store.iter_rows():
-            parsed = parser.eval(row, store.ref(index))
+            parsed = parse(row, store.ref(index))
             if parsed.problems:
                 report.handle(parsed.problems[0], skip_bad)
                 continue
@@ -426,25 +430,15 @@ def iter_train_examples(source: str, subset: str | None = None, split: str = "tr
     report = report if report is not None else BadRowReport()
     (found,) = find_subsets(source, split, [subset] if subset is not None else None, image_root)
     parser = RowParser(found.name, found.image_root, strip_orphan_placeholders=strip_orphan_placeholders)
-    store = found.open(columns=TRAIN_COLUMNS)
-    try:
-        for index, row in store.iter_rows():
-            parsed = parser.train(row, store.ref(index))
-            if parsed.problems:
-                report.handle(parsed.problems[0], skip_bad)
-                continue
-            for repair in parsed.repairs:
-                report.record_repair(repair, parsed.record.ref)
-            yield parsed.record
-    finally:
-        store.close()
+    yield from _parsed_records(found.open(columns=TRAIN_COLUMNS), parser.train, report, skip_bad)
 
 
 def open_train_source(source: str | Sequence[str], subsets: Sequence[str] | None = None, split: str = "train",
                       image_root: str | None = None, caps: Mapping[str, int] | None = None,
                       weights: Mapping[str, float] | None = None, seed: int = 0, skip_bad: bool = False, *,
                       strip_orphan_placeholders: bool = False, window_blocks: int = 4, rank: int = 0,
-                      world_size: int = 1, report: BadRowReport | None = None) -> TrainSource:
+                      world_size: int = 1, report: BadRowReport | None = None,
+                      subset_run: int = 1) -> TrainSource:
     """An endless, shuffled, resumable stream of training pairs over one or more sources.
 
     ``caps`` keep the first N rows of a subset (as VLM2Vec's ``num_sample_per_subset``);
@@ -494,7 +488,7 @@ def open_train_source(source: str | Sequence[str], subsets: Sequence[str] | None
         parser = RowParser(sub.name, sub.image_root, strip_orphan_placeholders=strip_orphan_placeholders)
         members.append(TrainSubset(sub.name, store, parser))
     return TrainSource(members, weights=weights, seed=seed, skip_bad=skip_bad, report=report,
-                       window_blocks=window_blocks, rank=rank, world_size=world_size)
+                       window_blocks=window_blocks, rank=rank, world_size=world_size, subset_run=subset_run)
 
 
 def _check_train_columns(sub: SubsetSource, store: RowStore) -> None:

@@ -5,7 +5,10 @@ what lets a run resume exactly without replaying the stream):
 
 * **Which subset** gives step ``t``'s example: draws with the mixing probabilities,
   generated in chunks of ``CHOICE_CHUNK`` steps from ``rng(seed, chunk)``, so step ``t``'s
-  draw is recomputable from ``t`` alone.
+  draw is recomputable from ``t`` alone. With ``subset_run = n`` one draw covers ``n``
+  consecutive steps: set it to the global batch size and every batch comes from one
+  subset, so its in-batch negatives are same-task negatives (a batch mixing tasks lets
+  the model lower the loss by telling tasks apart instead of matching content).
 * **Which row** of that subset: each subset walks its own epochs. An epoch's order
   shuffles the subset's *blocks* (parquet row groups, or runs of 1,024 lines) with
   ``rng(seed, subset, epoch)``, groups them into windows of ``window_blocks`` blocks, and
@@ -86,13 +89,16 @@ class TrainSource:
 
     def __init__(self, subsets: Sequence[TrainSubset], weights: Mapping[str, float] | None = None, seed: int = 0,
                  skip_bad: bool = False, report: BadRowReport | None = None, window_blocks: int = 4,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, subset_run: int = 1):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         if window_blocks < 1:
             raise ValueError(f"window_blocks must be >= 1, got {window_blocks}")
+        if subset_run < 1:
+            raise ValueError(f"subset_run must be >= 1, got {subset_run}")
+        self.subset_run = subset_run
         self.subsets = list(subsets)
         self.seed = int(seed)
         self.skip_bad = skip_bad
@@ -180,7 +186,7 @@ class TrainSource:
         while True:
             step = self._step
             self._step += 1
-            index = self._choose(step)
+            index = self._choose(step // self.subset_run)
             row = self._advance(index)
             if step % self.world_size != self.rank:
                 continue
@@ -225,6 +231,7 @@ class TrainSource:
             "format": STATE_FORMAT,
             "seed": self.seed,
             "window_blocks": self.window_blocks,
+            "subset_run": self.subset_run,
             "rank": self.rank,
             "world_size": self.world_size,
             "step": self._step,
@@ -240,7 +247,7 @@ class TrainSource:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a TrainSource state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
         expected = {"seed": self.seed, "window_blocks": self.window_blocks, "rank": self.rank,
-                    "world_size": self.world_size}
+                    "world_size": self.world_size, "subset_run": self.subset_run}
         differences = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in expected.items()
                        if state.get(key) != value]
         saved = [(s["name"], int(s["rows"])) for s in state["subsets"]]

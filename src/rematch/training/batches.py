@@ -81,11 +81,12 @@ def resolve_train_source(config: Config, run_dir: Path, log=print) -> tuple[str,
     return str(root), data.image_root
 
 
-def open_source(config: Config, run_dir: Path, log=print):
+def open_source(config: Config, run_dir: Path, log=print, world_size: int = 1):
     from rematch.data.mmeb import open_train_source
 
     source, image_root = resolve_train_source(config, run_dir, log)
     data = config.data
     return open_train_source(source, subsets=data.subsets or None, split=data.split, image_root=image_root,
                              caps=data.caps or None, weights=data.weights or None, seed=config.train.seed,
-                             skip_bad=data.skip_bad, strip_orphan_placeholders=data.strip_orphan_placeholders)
+                             skip_bad=data.skip_bad, strip_orphan_placeholders=data.strip_orphan_placeholders,
+                             subset_run=config.train.batch_size * world_size if data.one_subset_per_batch else 1)

@@ -66,7 +66,7 @@ class GradCache:
         """Forward + backward of the whole batch; leaves the gradients in ``.grad``; returns the (detached) losses."""
         model = self.module.model
         sides = [("query", batch.queries), ("document", batch.positives)]
-        if batch.negatives is not None:
+        if batch.negatives is not None and self.module.loss_config.hard_negatives:
             sides.append(("document", batch.negatives))
         cached = [self._embed_without_graph(encoder_batch, role) for role, encoder_batch in sides]
         leaves = [EmbeddingOutput(embedding=torch.cat([c[0] for c in chunks]).requires_grad_(True),

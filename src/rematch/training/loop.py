@@ -105,7 +105,8 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
     grad_cache = GradCache(unwrapped, config.train.grad_cache_chunk) if config.train.grad_cache_chunk else None
 
     with accelerator.main_process_first():  # the main process generates built-in data once
-        source = open_source(config, out, log=log if is_main else (lambda *_: None))
+        source = open_source(config, out, log=log if is_main else (lambda *_: None),
+                             world_size=accelerator.num_processes)
     start_step = 0
     checkpoints = out / "checkpoints"
     if config.train.resume:
@@ -120,7 +121,8 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
 
     from rematch.data.collate import TrainCollator
 
-    collator = TrainCollator(model, skip_bad=config.data.skip_bad, report=getattr(source, "report", None))
+    collator = TrainCollator(model, skip_bad=config.data.skip_bad, report=getattr(source, "report", None),
+                             with_negatives=config.loss.hard_negatives)
     stream = BatchStream(source, collator, config.train.batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, workers=max(1, config.data.num_workers))
     step_log = StepLog(out, resume_step=start_step) if is_main else None

@@ -44,7 +44,8 @@ class ReMatchTrainingModule(nn.Module):
         model = self.model
         queries = model.embed(batch.queries, "query")
         positives = model.embed(batch.positives, "document")
-        negatives = model.embed(batch.negatives, "document") if batch.negatives is not None else None
+        use_negatives = batch.negatives is not None and self.loss_config.hard_negatives
+        negatives = model.embed(batch.negatives, "document") if use_negatives else None
         return self.losses(batch, queries, positives, negatives, step)
 
     def losses(self, batch, queries: EmbeddingOutput, positives: EmbeddingOutput,
@@ -78,7 +79,7 @@ class ReMatchTrainingModule(nn.Module):
         size = len(batch.query_items)
         limit = self.loss_config.matching_samples or size
         own_negative = {}
-        for index, owner in enumerate(batch.negative_owner):
+        for index, owner in enumerate(batch.negative_owner if negatives is not None else []):
             own_negative.setdefault(owner, index)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + rank)

@@ -1,0 +1,173 @@
+"""``rematch demo``: shapes world -> ablation training -> MMEB evaluation -> index -> report.
+
+Everything runs offline on a CPU: the built-in shapes world is generated once, every
+ablation row is trained from the same tiny random backbone with the same data, budget and
+seeds, evaluated on the five shapes subsets with the MMEB protocol (first stage, and
+reranked by the matching head for the rows that trained it), and the full model indexes
+the evaluation images for two example searches. ``report.md`` collects the numbers;
+every number in it comes from these runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rematch.config import Config, apply_overrides, dump_yaml
+from rematch.demo.settings import SUBSETS, AblationRow, DemoSettings
+
+
+@dataclass
+class RunRecord:
+    """One (row, seed): where it ran and what it measured."""
+
+    row: str
+    seed: int
+    directory: Path
+    train: dict[str, Any]
+    evaluation: dict[str, Any]
+    reranked: dict[str, Any] | None = None
+
+
+@dataclass
+class DemoResult:
+    settings: DemoSettings
+    records: list[RunRecord]
+    report: Path
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    searches: list[dict] = field(default_factory=list)
+
+
+def row_config(settings: DemoSettings, row: AblationRow, seed: int, data_root: Path, out: Path) -> Config:
+    """The full training config of one ablation row: shared settings, then the row's overrides."""
+    side = settings.image_size
+    shared = {
+        "model.backbone": "tiny", "model.tiny_family": "qwen2_vl", "model.tiny_size": "tiny",
+        "model.seed": seed, "model.min_pixels": side * side, "model.max_pixels": side * side,
+        "data.source": str(data_root), "data.subsets": list(SUBSETS),
+        "loss.temperature": settings.temperature,
+        "loss.matching_samples": max(1, settings.batch_size // 4),  # as the paper recipes: 1/4 of the batch
+        "lora.enabled": False,
+        "train.out": str(out), "train.steps": settings.steps, "train.batch_size": settings.batch_size,
+        "train.lr": settings.lr, "train.seed": seed, "train.warmup_ratio": 0.05, "train.freeze_vision": False,
+        "train.save_every": 0, "train.plot": True,
+    }
+    return apply_overrides(Config(), {**shared, **row.overrides})
+
+
+def prepare_data(settings: DemoSettings, log: Callable[[str], None]) -> Path:
+    """Generate the shapes world (training rows with hard negatives + the five evaluation subsets) once."""
+    from rematch.data.shapes_tasks import write_shapes_dataset
+
+    root = settings.out / "data" / "shapes"
+    marker = root / ".demo-complete"
+    wanted = {"train_rows": settings.train_rows, "eval_queries": settings.eval_queries,
+              "candidates": settings.eval_candidates}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        log(f"reusing the shapes world in {root}")
+        return root
+    log(f"generating the shapes world: {settings.train_rows} training rows, {settings.eval_queries} queries x "
+        f"{settings.eval_candidates} candidates for each of {len(SUBSETS)} evaluation subsets")
+    write_shapes_dataset(root, train_rows=settings.train_rows, eval_queries=settings.eval_queries, seed=0,
+                         num_candidates=settings.eval_candidates)
+    marker.write_text(json.dumps(wanted), encoding="utf-8")
+    return root
+
+
+def train_and_evaluate(settings: DemoSettings, row: AblationRow, seed: int, data_root: Path,
+                       log: Callable[[str], None]) -> RunRecord:
+    from rematch import ReMatchModel
+    from rematch.evaluation.mmeb import evaluate_mmeb_source
+    from rematch.training.loop import train
+
+    directory = settings.out / "runs" / row.name / f"seed{seed}"
+    config = row_config(settings, row, seed, data_root, directory)
+    result = train(config, show_progress=False, log=lambda *_: None)
+    train_summary = json.loads((directory / "train_summary.json").read_text(encoding="utf-8"))
+    model = ReMatchModel.from_pretrained(result.model_dir)
+    quiet = None
+    evaluation = evaluate_mmeb_source(model, str(data_root), directory / "eval", subsets=list(SUBSETS),
+                                      cache_dir=settings.out / "cache", plot=False, log=quiet)
+    reranked = None
+    if row.uses_matching and settings.rerank_top:
+        reranked = evaluate_mmeb_source(model, str(data_root), directory / "eval-rerank", subsets=list(SUBSETS),
+                                        cache_dir=settings.out / "cache", plot=False, log=quiet,
+                                        rerank=settings.rerank_top)
+    overall = evaluation["groups"]["overall"]["hit@1"]
+    log(f"  {row.name:<14} seed {seed}: trained {config.train.steps} steps in {train_summary['seconds']:.0f}s "
+        f"({train_summary['samples_per_second']:.1f} samples/s), overall hit@1 {100 * overall:.1f}%"
+        + (f", reranked {100 * reranked['groups']['overall']['hit@1']:.1f}%" if reranked else ""))
+    return RunRecord(row.name, seed, directory, train_summary, evaluation, reranked)
+
+
+T2I_INSTRUCTION = "Find me an everyday image that matches the given caption:"
+
+
+def example_searches(settings: DemoSettings, data_root: Path, model_dir: Path) -> list[dict]:
+    """Index the ShapesT2I evaluation images with the full model and run two caption searches:
+    the first evaluation query (its correct image is known) and a free-text one."""
+    from rematch import ReMatchModel
+    from rematch.data.mmeb import iter_eval_examples
+    from rematch.retrieval.index import build_index
+
+    model = ReMatchModel.from_pretrained(model_dir)
+    examples = list(iter_eval_examples(str(data_root), "ShapesT2I"))
+    paths = sorted({str(c.image) for e in examples for c in e.candidates if c.image is not None})
+    items = [{"image": path, "text": "Represent the given image."} for path in paths]
+    index = build_index(model, items, [Path(p).name for p in paths], settings.out / "index", overwrite=True)
+    first = examples[0]
+    queries = [(first.query.text, Path(str(first.candidates[0].image)).name),
+               (f"{T2I_INSTRUCTION} a large red circle", None)]
+    searches = []
+    for text, correct in queries:
+        hits = index.search([{"text": text}], k=5)[0]
+        searches.append({"query": text, "correct": correct,
+                         "hits": [{"rank": h.rank, "id": h.id, "score": round(h.score, 4)} for h in hits]})
+    return searches
+
+
+def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> DemoResult:
+    """Run the whole demo and write ``settings.out/report.md``; returns what was measured."""
+    from rematch.demo.report import write_report
+
+    started = time.perf_counter()
+    settings.out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    data_root = prepare_data(settings, log)
+    timings["data"] = time.perf_counter() - clock
+    records = []
+    clock = time.perf_counter()
+    for seed in range(settings.seeds):
+        for row in settings.selected_rows():
+            records.append(train_and_evaluate(settings, row, seed, data_root, log))
+    timings["train_and_evaluate"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    full = [r for r in records if r.row == "full" and r.seed == 0]
+    searches = example_searches(settings, data_root, full[0].directory / "model") if full else []
+    timings["index_and_search"] = time.perf_counter() - clock
+    seconds = time.perf_counter() - started
+    command = "rematch " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "rematch demo"
+    report = write_report(settings, records, data_root, searches, timings, seconds, command)
+    (settings.out / "demo_results.json").write_text(json.dumps({
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()},
+        "seconds": round(seconds, 1), "timings": {k: round(v, 1) for k, v in timings.items()},
+        "records": [{"row": r.row, "seed": r.seed, "directory": str(r.directory),
+                     "train_seconds": r.train["seconds"], "samples_per_second": r.train["samples_per_second"],
+                     "final_losses": r.train["final_losses"],
+                     "hit@1": {name: r.evaluation["subsets"][name]["hit@1"] for name in SUBSETS},
+                     "overall": r.evaluation["groups"]["overall"]["hit@1"],
+                     "reranked_overall": r.reranked["groups"]["overall"]["hit@1"] if r.reranked else None}
+                    for r in records],
+        "searches": searches}, indent=2), encoding="utf-8")
+    if full:
+        dump_yaml(row_config(settings, next(r for r in settings.selected_rows() if r.name == "full"), 0, data_root,
+                             full[0].directory), settings.out / "full_config.yaml")
+    return DemoResult(settings, records, report, seconds, timings, searches)
