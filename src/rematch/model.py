@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from rematch.backbones import TORCH_DTYPES, adapter_for, load_backbone
+from rematch.backbones import adapter_for, load_backbone
 from rematch.backbones.base import EncoderBatch
 from rematch.config import ROLES, ModelConfig
 from rematch.data.items import ItemLike, as_items
@@ -260,13 +260,4 @@ class ReMatchModel(nn.Module):
         if not hasattr(self.backbone, "peft_config"):
             raise RuntimeError("this model has no LoRA adapters to merge")
         self.backbone = self.backbone.merge_and_unload()
-        return self
-
-    def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def to_dtype(self, dtype: str) -> "ReMatchModel":
-        """Cast the backbone (the ReMatch parts stay float32 and are cast where used)."""
-        self.backbone.to(TORCH_DTYPES[dtype])
-        self.config.dtype = dtype
         return self

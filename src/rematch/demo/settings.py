@@ -22,23 +22,25 @@ class AblationRow:
     uses_matching: bool
 
 
-ROWS: tuple[AblationRow, ...] = (
-    AblationRow("baseline", "VLM2Vec-style baseline (K=0, last token, contrastive)",
-                {"model.num_tokens": 0, "model.pooling": "last", "loss.orthogonality": 0.0, "loss.matching": 0.0,
-                 "loss.hard_negatives": False}, False),
-    AblationRow("hard_negative", "+ hard negative",
-                {"model.num_tokens": 0, "model.pooling": "last", "loss.orthogonality": 0.0, "loss.matching": 0.0,
-                 "loss.hard_negatives": True}, False),
-    AblationRow("matching", "+ matching (MVQDM)",
-                {"model.num_tokens": 0, "model.pooling": "last", "loss.orthogonality": 0.0, "loss.matching": 0.1,
-                 "loss.hard_negatives": True}, True),
-    AblationRow("multi_token", "+ multi-token fusion (MEF, K=16)",
-                {"model.num_tokens": 16, "model.pooling": "mean", "loss.orthogonality": 0.0, "loss.matching": 0.1,
-                 "loss.hard_negatives": True}, True),
-    AblationRow("full", "full ReMatch (+ orthogonality)",
-                {"model.num_tokens": 16, "model.pooling": "mean", "loss.orthogonality": 0.5, "loss.matching": 0.1,
-                 "loss.hard_negatives": True}, True),
-)
+def _cumulative_rows() -> tuple[AblationRow, ...]:
+    """Each row is the previous row plus one ingredient, as in the paper's ablation."""
+    steps = [
+        ("baseline", "VLM2Vec-style baseline (K=0, last token, contrastive)",
+         {"model.num_tokens": 0, "model.pooling": "last", "loss.orthogonality": 0.0, "loss.matching": 0.0,
+          "loss.hard_negatives": False}),
+        ("hard_negative", "+ hard negative", {"loss.hard_negatives": True}),
+        ("matching", "+ matching (MVQDM)", {"loss.matching": 0.1}),
+        ("multi_token", "+ multi-token fusion (MEF, K=16)", {"model.num_tokens": 16, "model.pooling": "mean"}),
+        ("full", "full ReMatch (+ orthogonality)", {"loss.orthogonality": 0.5}),
+    ]
+    rows, overrides = [], {}
+    for name, label, change in steps:
+        overrides = {**overrides, **change}
+        rows.append(AblationRow(name, label, overrides, uses_matching=overrides["loss.matching"] > 0))
+    return tuple(rows)
+
+
+ROWS: tuple[AblationRow, ...] = _cumulative_rows()
 
 
 @dataclass
