@@ -10,6 +10,15 @@ from rematch import Item, ReMatchModel
 from rematch.serialization import HEADS_NAME, CheckpointMismatchError
 
 
+def add_trained_looking_lora(model) -> None:
+    """LoRA adapters whose B matrices are non-zero, so they change the embeddings (fresh ones do not)."""
+    model.enable_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in model.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+
+
 def mixed_items(images):
     return [
         {"text": "a large red circle"},
@@ -119,11 +128,7 @@ def test_save_load_round_trip_gives_identical_embeddings(tmp_path, family, shape
 
 def test_lora_model_saves_adapter_and_reloads_identically(tmp_path, shape_images):
     model = ReMatchModel.tiny(k=2, seed=2)
-    model.enable_lora(r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for name, parameter in model.backbone.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    add_trained_looking_lora(model)
     model.save_pretrained(tmp_path / "lora")
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "lora" / "model.safetensors").exists()
@@ -182,11 +187,7 @@ def test_merge_lora_gives_a_standalone_model_that_encodes_the_same(tmp_path, sha
     from rematch.cli import main
 
     model = ReMatchModel.tiny(k=4, seed=6)
-    model.enable_lora(r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for name, parameter in model.backbone.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
+    add_trained_looking_lora(model)
     model.save_pretrained(tmp_path / "adapter")
     assert main(["merge-lora", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()

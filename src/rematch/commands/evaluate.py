@@ -38,9 +38,9 @@ def _cache_dir(args: argparse.Namespace):
 
 
 def _model(args: argparse.Namespace, device: str | None):
-    from rematch.commands.common import load_model
+    from rematch import ReMatchModel
 
-    return load_model(args.model, device or args.device)
+    return ReMatchModel.load(args.model, device or args.device)
 
 
 @user_errors

@@ -17,13 +17,13 @@ def _model_source(spec: str) -> str:
 
 @user_errors
 def cmd_build(args: argparse.Namespace) -> int:
-    from rematch.commands.common import load_model
+    from rematch import ReMatchModel
     from rematch.retrieval.corpus import read_corpus
     from rematch.retrieval.index import build_index
 
     corpus = read_corpus(args.corpus, args.image_root, instruction=args.instruction)
     print(f"read {len(corpus)} items from {args.corpus}")
-    model = load_model(args.model, args.device)
+    model = ReMatchModel.load(args.model, args.device)
     build_index(model, corpus.items, corpus.ids, args.out, metadata=corpus.metadata, index_type=args.index_type,
                 nlist=args.nlist, hnsw_m=args.hnsw_m, shard_size=args.shard_size, batch_size=args.batch_size,
                 overwrite=args.overwrite, model_source=_model_source(args.model), show_progress=args.progress)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rematch.commands.common import load_model, read_jsonl
+from rematch.commands.common import read_jsonl
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -21,10 +21,11 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from rematch import ReMatchModel
     from rematch.data.items import as_items
 
     items = as_items(read_jsonl(args.input), where=f"{args.input} row")
-    model = load_model(args.model, args.device)
+    model = ReMatchModel.load(args.model, args.device)
     vectors = model.encode(items, role=args.role, batch_size=args.batch_size, show_progress=True)
     np.save(args.out, vectors)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {args.out}")

@@ -17,7 +17,6 @@ Qrels formats (chosen by file suffix):
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from rematch.evaluation.cache import CachedEncoder
 from rematch.evaluation.distributed import encode_across_ranks, gather_stats, is_main_process
 from rematch.evaluation.metrics import RelevantRanks, check_finite, mean_metrics, per_query_metrics, ranks_of_relevant
 from rematch.atomic import write_json_atomically
-from rematch.retrieval.corpus import CorpusError
+from rematch.retrieval.corpus import CorpusError, json_object
 from rematch.retrieval.rerank import check_rerank, reranked_scores
 
 _SCORE_BLOCK = 1 << 22
@@ -69,12 +68,7 @@ def read_qrels(path: str | os.PathLike, query_ids: Sequence[str] | None = None,
 
 def _parse_qrel(suffix: str, line: str, where: str, first_line: bool) -> tuple[str, str, float] | None:
     if suffix == ".jsonl":
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CorpusError(f"{where}: not valid JSON ({error})") from error
-        if not isinstance(row, dict):
-            raise CorpusError(f"{where}: expected a JSON object")
+        row = json_object(line, where)
         doc_key = "doc_id" if "doc_id" in row else "corpus_id"
         for key in ("query_id", doc_key):
             if key not in row:

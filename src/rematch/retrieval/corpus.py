@@ -32,6 +32,17 @@ class CorpusError(ValueError):
     """A corpus or query file is malformed; the message names the file, line and field."""
 
 
+def json_object(line: str, where: str) -> dict:
+    """One jsonl line as a JSON object; anything else is a :class:`CorpusError` naming ``where``."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise CorpusError(f"{where}: not valid JSON ({error})") from error
+    if not isinstance(row, dict):
+        raise CorpusError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 @dataclass
 class Corpus:
     """Items with their ids and the extra fields of their rows, in file order."""
@@ -88,12 +99,7 @@ def read_jsonl_items(path: str | os.PathLike, image_root: str | os.PathLike | No
             if not line.strip():
                 continue
             where = f"{path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CorpusError(f"{where}: not valid JSON ({error})") from error
-            if not isinstance(row, dict):
-                raise CorpusError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            row = json_object(line, where)
             if "id" not in row or row["id"] is None or isinstance(row["id"], (dict, list, bool)):
                 raise CorpusError(f"{where}: field 'id' is missing or not a string/number")
             fields = {key: row[key] for key in ITEM_FIELDS if row.get(key) is not None}
