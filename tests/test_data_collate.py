@@ -14,6 +14,7 @@ from rematch.data.mmeb import open_train_source
 from rematch.data.records import RowRef, TrainExample
 from rematch.data.shapes_tasks import write_shapes_dataset
 from rematch.data.validation import DataError
+from rematch.instructions import document_items
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def test_synth_to_disk_to_readers_to_batches(tiny_model, shapes_root):
     assert batch.subsets == [e.subset for e in examples]
     assert batch.query_items == [e.query for e in examples]
     assert batch.negative_items == [e.negatives[0] for e in examples] and batch.negative_owner == list(range(6))
-    expected = tiny_model.prepare(batch.positive_items, role="document")
+    expected = tiny_model.prepare(document_items(batch.positive_items, batch.subsets, tiny_model.config),
+                                  role="document")
     assert torch.equal(batch.positives.input_ids, expected.input_ids)
     images = sum(item.image is not None for item in batch.query_items)
     assert (batch.queries.image_grid_thw is None) == (images == 0)

@@ -121,3 +121,40 @@ def test_samples_must_have_the_same_number_of_documents(tiny_model):
     uneven = [samples()[0], MatchSample(Item(text="q"), (Item(text="d"),), (True,))]
     with pytest.raises(ValueError, match="same, non-zero number of documents"):
         build_packed_batch(tiny_model.adapter, uneven, "s", INSTRUCTION)
+
+
+
+def test_each_answer_starts_right_after_its_own_document_view(tiny_model):
+    """A pair's answer must not be numbered after the OTHER document (a label shortcut: the gap
+    would tell which slot, hence often which label, the pair is about)."""
+    model = tiny_model
+    query = Item(text="what colour is the circle?")
+    documents = (Item(text="red"), Item(text="a large red circle next to a small blue star " * 3))
+    batch = build_packed_batch(model.adapter, [MatchSample(query, documents, (True, False))],
+                               model.config.system_prompt, INSTRUCTION)
+    answer_length = len(model.adapter.tokenizer(model.adapter.answer_prefix(), add_special_tokens=False)["input_ids"])
+    positions = batch.position_ids[:, 0]  # (3, L) of the one packed row
+    for p in range(len(view_pairs(2))):
+        last = int(batch.answer_cols[p])
+        first = last - answer_length + 1
+        seen = batch.block_mask[0, last].nonzero().flatten()
+        content = seen[seen < first]  # prompt, this pair's query view and document view
+        assert int(positions[0, first]) == int(positions[:, content].max()) + 1, f"pair {p}"
+
+
+def test_a_pairs_logits_do_not_depend_on_the_other_documents_length(tiny_model):
+    model = tiny_model
+    query, relevant = Item(text="a large red circle"), Item(image=scene_image("red"))
+    system, soft = model.config.system_prompt, soft_table(model)[:3]
+
+    def logits(documents):
+        sample = MatchSample(query, documents, (True,) + (False,) * (len(documents) - 1))
+        return logits_of(model, build_packed_batch(model.adapter, [sample], system, INSTRUCTION),
+                         soft[:1 + len(documents)])[0]
+
+    of_document_0 = [p for p, (_, doc_view) in enumerate(view_pairs(2)) if doc_view in document_blocks(0)]
+    short = logits((relevant, Item(text="blue")))[of_document_0]
+    long = logits((relevant, Item(text="a blue square " * 20)))[of_document_0]
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
+    # ... and a pair is answered as in reranking, where each candidate is matched on its own
+    torch.testing.assert_close(logits((relevant,)), short, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,10 @@
-"""Checkpoints survive SIGKILL (mid-run and mid-save) and resume to exactly the uninterrupted result."""
+"""Checkpoints survive SIGKILL (mid-run and mid-save) and resume to exactly the uninterrupted result.
+
+Every run here (the uninterrupted reference, the killed one and the resumed one) is a CLI
+subprocess with the same pinned thread count: float reductions depend on how many threads
+split them, so comparing at 1e-6 is only meaningful between runs that use the same count,
+whatever the test process itself happens to be set to.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +22,6 @@ import torch
 from safetensors.torch import load_file
 
 from rematch.training.checkpoint import MANIFEST, TRAINABLE, latest_checkpoint, list_checkpoints
-from rematch.training.loop import train
-from rematch.config import load_config
 
 STEPS = 6
 OVERRIDES = ["train.steps=6", "train.batch_size=4", "train.save_every=2", "train.keep_last=5",
@@ -25,18 +29,27 @@ OVERRIDES = ["train.steps=6", "train.batch_size=4", "train.save_every=2", "train
              "lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.dropout=0.1", "train.warmup_ratio=0.2"]
 
 
-def config_for(out: Path, resume: bool = False):
-    return load_config("configs/demo-tiny.yaml", [f"train.out={out}", *OVERRIDES] + (["train.resume=true"] if resume
-                                                                                   else []))
+THREADS = "2"
 
 
-def cli_command(out: Path) -> list[str]:
+def cli_command(out: Path, resume: bool = False) -> list[str]:
     flags = []
-    for override in OVERRIDES:
+    for override in OVERRIDES + (["train.resume=true"] if resume else []):
         key, value = override.split("=", 1)
         flags += [f"--{key}", value]
     return [sys.executable, "-m", "rematch.cli", "train", "--config", "configs/demo-tiny.yaml", "--out", str(out),
             "--no-progress", *flags]
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """The environment of every training subprocess: the same thread count for all of them."""
+    return dict(os.environ, OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, **extra)
+
+
+def run_cli(out: Path, resume: bool = False) -> subprocess.CompletedProcess:
+    completed = subprocess.run(cli_command(out, resume), env=run_env(), capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +63,7 @@ def losses(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    train(config_for(out), show_progress=False, log=lambda *_: None)
+    run_cli(out)
     return out
 
 
@@ -78,26 +91,25 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300.0) -> No
 
 def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, reference):
     out = tmp_path / "killed"
-    process = subprocess.Popen(cli_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(cli_command(out), env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(lambda: (out / "checkpoints" / "step-00000002" / MANIFEST).is_file(), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "model").exists(), "the run finished before it could be killed"
     assert latest_checkpoint(out / "checkpoints", log=lambda *_: None).name in ("step-00000002", "step-00000004")
-    train(config_for(out, resume=True), show_progress=False, log=lambda *_: None)
+    run_cli(out, resume=True)
     assert_same_run(out, reference)
 
 
 def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one_and_resumes(tmp_path, reference):
     out = tmp_path / "killed-in-save"
-    env = dict(os.environ, REMATCH_KILL_DURING_SAVE="4")
-    completed = subprocess.run(cli_command(out), env=env, capture_output=True)
+    completed = subprocess.run(cli_command(out), env=run_env(REMATCH_KILL_DURING_SAVE="4"), capture_output=True)
     assert completed.returncode == -signal.SIGKILL
     names = [p.name for p in list_checkpoints(out / "checkpoints")]
     assert names == ["step-00000002"]  # step 4 never appeared under its real name
     assert list((out / "checkpoints").glob(".step-00000004.tmp-*"))  # the half-written save, left aside
-    messages = []
-    train(config_for(out, resume=True), show_progress=False, log=messages.append)
+    output = run_cli(out, resume=True)
+    messages = (output.stdout + output.stderr).splitlines()
     assert any("interrupted checkpoint save" in m for m in messages)
     assert any("resumed from" in m and "step-00000002" in m for m in messages)
     assert_same_run(out, reference)

@@ -13,13 +13,26 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def ordinary_token_ids(tokenizer, num_rows: int) -> list[int]:
+    """Ids of the tokenizer's learned vocabulary: no special or added tokens, and none of the
+    padding rows that checkpoints append to the embedding table (Qwen2-VL has 151,936 rows for
+    151,643 learned tokens). Those rows were never trained, so a copy of one is no start for a
+    learnable token."""
+    excluded = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return [i for i in range(min(tokenizer.vocab_size, num_rows)) if i not in excluded]
+
+
 def init_learnable_tokens(embedding_weight: torch.Tensor, num_tokens: int, generator: torch.Generator,
-                          exclude_ids: set[int] | None = None) -> torch.Tensor:
-    """``num_tokens`` distinct rows of the embedding table (fp32 copies), chosen by ``generator``."""
-    vocab, hidden = embedding_weight.shape
+                          candidate_ids: list[int]) -> torch.Tensor:
+    """``num_tokens`` distinct rows of the embedding table among ``candidate_ids`` (fp32 copies),
+    chosen by ``generator``."""
+    hidden = embedding_weight.shape[1]
     if num_tokens == 0:
         return torch.zeros(0, hidden)
-    candidates = torch.tensor([i for i in range(vocab) if not exclude_ids or i not in exclude_ids])
+    if len(candidate_ids) < num_tokens:
+        raise ValueError(f"{num_tokens} learnable tokens need as many distinct vocabulary rows; only "
+                         f"{len(candidate_ids)} ordinary tokens exist")
+    candidates = torch.tensor(candidate_ids)
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:num_tokens]]
     return embedding_weight.detach()[chosen.to(embedding_weight.device)].float().cpu().clone()
 

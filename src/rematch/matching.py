@@ -18,9 +18,12 @@ A 4-D mask lets every content block see only P and itself, and every answer bloc
 P, its pair's query view, its pair's document view and itself (causally within blocks).
 
 Position ids: P takes 0..p-1; both query views start at p; every document view starts
-after the longer query view; every answer block starts after the longest document view.
-So each pair sees prompt < query view < document view < answer, with the same numbering
-in every pair (Qwen's 3-D M-RoPE ids inside image blocks). The reference implementation
+after the longer query view; each answer block starts right after its OWN document view.
+So each pair sees prompt < query view < document view < answer with no gap between its
+document and its answer, whatever the other documents' lengths: the distance from a
+document to its answer cannot tell the model which slot (or label) it is looking at, and
+a pair is numbered the same in training (two documents per row) as in reranking (one).
+Qwen's 3-D M-RoPE ids are used inside image blocks. The reference implementation
 (:func:`build_reference_batch`) runs each pair as its own sequence with exactly those
 positions and the same block visibility; tests check both give the same logits.
 
@@ -119,6 +122,7 @@ class _Block:
     pixels: list[torch.Tensor]
     positions: torch.Tensor  # (3, n)
     soft_slot: int | None = None  # 0 = query, 1 + j = document j
+    end: int = 0  # the first position after this block
 
 
 def _sample_blocks(adapter: BackboneAdapter, sample: MatchSample, system: str, instruction: str,
@@ -153,7 +157,7 @@ def _sample_blocks(adapter: BackboneAdapter, sample: MatchSample, system: str, i
         blocks.append(_Block(kind, tokens.input_ids[index], tokens.token_types[index], [g for g, _ in taken],
                              [p for _, p in taken], torch.empty(0), soft_slot))
     answer = _Block(ANSWER_KIND, tokens.input_ids[-1], tokens.token_types[-1], [], [], torch.empty(0))
-    _assign_positions(adapter, blocks, answer)
+    _assign_positions(adapter, blocks)
     return blocks, answer
 
 
@@ -166,18 +170,15 @@ def _runs(types: Sequence[int]) -> list[int]:
     return runs
 
 
-def _assign_positions(adapter: BackboneAdapter, blocks: list[_Block], answer: _Block) -> None:
+def _assign_positions(adapter: BackboneAdapter, blocks: list[_Block]) -> None:
+    """Number the content blocks (see the module docstring); answers are numbered per pair."""
     prompt = blocks[0]
-    prompt.positions, query_start = adapter.block_positions(prompt.types, prompt.grids, 0)
-    document_start = query_start
+    prompt.positions, prompt.end = adapter.block_positions(prompt.types, prompt.grids, 0)
     for block in blocks[1:3]:
-        block.positions, end = adapter.block_positions(block.types, block.grids, query_start)
-        document_start = max(document_start, end)
-    answer_start = document_start
+        block.positions, block.end = adapter.block_positions(block.types, block.grids, prompt.end)
+    document_start = max(block.end for block in blocks[1:3])
     for block in blocks[3:]:
-        block.positions, end = adapter.block_positions(block.types, block.grids, document_start)
-        answer_start = max(answer_start, end)
-    answer.positions, _ = adapter.block_positions(answer.types, answer.grids, answer_start)
+        block.positions, block.end = adapter.block_positions(block.types, block.grids, document_start)
 
 
 def _visibility(kinds_of_rows: list[list[int]], answer_pairs: dict[int, tuple[int, int]], length: int,
@@ -247,8 +248,10 @@ def _labels(sample: MatchSample, pairs: list[tuple[int, int]]) -> list[int]:
     return [0 if sample.relevant[(doc_view - 3) // 2] else 1 for _, doc_view in pairs]
 
 
-def _answer_block(answer: _Block, pair: int) -> _Block:
-    return _Block(ANSWER_KIND + pair, answer.ids, answer.types, [], [], answer.positions)
+def _answer_block(adapter: BackboneAdapter, answer: _Block, pair: int, document_view: _Block) -> _Block:
+    """Pair ``pair``'s answer block, numbered from the end of its own document view."""
+    positions, end = adapter.block_positions(answer.types, answer.grids, document_view.end)
+    return _Block(ANSWER_KIND + pair, answer.ids, answer.types, [], [], positions, end=end)
 
 
 def _finish(adapter: BackboneAdapter, samples: Sequence[MatchSample], rows: list[list[_Block]],
@@ -277,7 +280,9 @@ def build_packed_batch(adapter: BackboneAdapter, samples: Sequence[MatchSample],
     rows = []
     for s, sample in enumerate(samples):
         blocks, answer = _sample_blocks(adapter, sample, system, instruction, f"{where} {s}")
-        rows.append(blocks + [_answer_block(answer, p) for p in range(4 * num_documents)])
+        by_kind = {block.kind: block for block in blocks}
+        rows.append(blocks + [_answer_block(adapter, answer, p, by_kind[doc_view])
+                              for p, (_, doc_view) in enumerate(view_pairs(num_documents))])
     return _finish(adapter, samples, rows, list(range(len(samples))), num_documents)
 
 
@@ -294,7 +299,8 @@ def build_reference_batch(adapter: BackboneAdapter, samples: Sequence[MatchSampl
         blocks, answer = _sample_blocks(adapter, sample, system, instruction, f"{where} {s}")
         by_kind = {block.kind: block for block in blocks}
         for p, (query_view, doc_view) in enumerate(view_pairs(num_documents)):
-            rows.append([by_kind[PROMPT], by_kind[query_view], by_kind[doc_view], _answer_block(answer, p)])
+            rows.append([by_kind[PROMPT], by_kind[query_view], by_kind[doc_view],
+                         _answer_block(adapter, answer, p, by_kind[doc_view])])
             row_samples.append(s)
     return _finish(adapter, samples, rows, row_samples, num_documents)
 

@@ -31,6 +31,7 @@ from rematch.data.validation import (
     DataError,
     RowProblem,
 )
+from rematch.instructions import document_items
 
 
 @dataclass
@@ -107,16 +108,19 @@ class TrainCollator:
                 negatives.append(negative)
                 owner.append(index)
         prepare = self.model.prepare
+        subsets = [e.subset for e in examples]
+        config = self.model.config
         return TrainBatch(
             queries=prepare(queries, role="query", where="query"),
-            positives=prepare(positives, role="document", where="positive"),
-            negatives=prepare(negatives, role="document", where="negative", indices=owner) if negatives else None,
+            positives=prepare(document_items(positives, subsets, config), role="document", where="positive"),
+            negatives=prepare(document_items(negatives, [subsets[i] for i in owner], config), role="document",
+                              where="negative", indices=owner) if negatives else None,
             negative_owner=owner,
             query_items=queries,
             positive_items=positives,
             negative_items=negatives,
             refs=[e.ref for e in examples],
-            subsets=[e.subset for e in examples],
+            subsets=subsets,
         )
 
     def _first_problem(self, example: TrainExample, position: int) -> RowProblem | None:
@@ -129,6 +133,8 @@ class TrainCollator:
             suffix = f"[{i}]" if len(example.negatives) > 1 else ""
             sides.append(("document", negative, f"neg_text{suffix}", f"neg_image_path{suffix}"))
         for role, item, text_field, image_field in sides:
+            if role == "document":
+                item = document_items([item], example.subset, self.model.config)[0]
             try:
                 self.model.prepare([item], role=role, where=text_field.split("[")[0])
             except ImageLoadError as error:

@@ -27,7 +27,8 @@ def _cumulative_rows() -> tuple[AblationRow, ...]:
     steps = [
         ("baseline", "VLM2Vec-style baseline (K=0, last token, contrastive)",
          {"model.num_tokens": 0, "model.pooling": "last", "loss.orthogonality": 0.0, "loss.matching": 0.0,
-          "loss.hard_negatives": False}),
+          "loss.hard_negatives": False, "model.document_instructions": False}),
+        ("target_instruction", "+ target instruction", {"model.document_instructions": True}),
         ("hard_negative", "+ hard negative", {"loss.hard_negatives": True}),
         ("matching", "+ matching (MVQDM)", {"loss.matching": 0.1}),
         ("multi_token", "+ multi-token fusion (MEF, K=16)", {"model.num_tokens": 16, "model.pooling": "mean"}),
