@@ -215,3 +215,27 @@ def test_a_whole_file_with_the_wrong_schema_fails_before_training(tmp_path):
                                                           "tgt_img_path": [""]}])
     with pytest.raises(DataError, match=r"missing column\(s\) \['qry', .*MMEB-eval file"):
         open_train_source(str(tmp_path))
+
+
+def test_line_numbers_of_bad_rows_are_counted_in_bounded_memory_and_one_pass(tmp_path):
+    import tracemalloc
+
+    from rematch.data.stores import JsonlStore
+
+    path = tmp_path / "big.jsonl"
+    good = json.dumps({"qry": "q" * 200, "qry_image_path": "", "pos_text": "p", "pos_image_path": ""}) + "\n"
+    with open(path, "w") as handle:
+        for block in range(4):
+            handle.write(good * 5_000 + "\n" + "not json\n")  # a blank line, then a bad row
+    store = JsonlStore(path)
+    bad = [i for i, row in store.iter_rows() if isinstance(row, Exception)]
+    assert len(bad) == 4
+    tracemalloc.start()
+    try:
+        numbers = [store.line_number(i) for i in bad]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert numbers == [5_002 * (b + 1) for b in range(4)]
+    assert peak < 4 << 20  # the file is ~4.3 MB: never read whole
+    assert store.line_number(bad[0]) == 5_002  # counting again from an earlier row works too

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from pathlib import Path
 from collections import Counter
 
 import pyarrow as pa
@@ -205,3 +206,24 @@ def test_subset_runs_keep_each_batch_within_one_subset_and_resume(shapes_root):
     assert [(e.subset, e.ref.row) for e in resumed.take(20)] == expected
     with pytest.raises(ValueError, match="subset_run"):
         open_train_source(str(shapes_root), seed=4, subset_run=3).load_state_dict(state)
+
+
+def test_the_builtin_world_is_made_again_when_its_rows_or_seed_change(tmp_path):
+    from rematch.config import load_config
+    from rematch.training.batches import resolve_train_source
+
+    def rows_of(root: str) -> int:
+        return sum(len(p.read_text().splitlines()) for p in Path(root).glob("*/train.jsonl"))
+
+    def resolve(rows: int, seed: int) -> str:
+        config = load_config(None, [f"data.builtin_train_rows={rows}", f"data.builtin_seed={seed}"])
+        return resolve_train_source(config, tmp_path, log=lambda *_: None)[0]
+
+    root = resolve(20, 0)
+    assert rows_of(root) == 20
+    first = (Path(root) / "ShapesCLS" / "train.jsonl").read_text()
+    assert rows_of(resolve(30, 0)) == 30
+    reseeded = resolve(20, 1)
+    assert rows_of(reseeded) == 20 and (Path(reseeded) / "ShapesCLS" / "train.jsonl").read_text() != first
+    again = resolve(20, 0)
+    assert (Path(again) / "ShapesCLS" / "train.jsonl").read_text() == first

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from rematch import ItemError
+from rematch import ItemError, ReMatchModel
 from rematch.data.images import ImageLoadError, load_image_for_model, open_image, target_size
 from rematch.data.items import as_items
 
@@ -79,3 +82,61 @@ def test_target_size_is_a_multiple_of_28_within_bounds(size):
     height, width = target_size(size[1], size[0], 56 * 56, 448 * 448)
     assert height % 28 == 0 and width % 28 == 0
     assert 56 * 56 <= height * width <= 448 * 448
+
+
+@pytest.mark.parametrize("field", ["text", "instruction"])
+@pytest.mark.parametrize("token", ["<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|endoftext|>"])
+def test_chat_control_tokens_in_user_text_are_refused_with_the_item_named(tiny_model, field, token):
+    items = [{"text": "fine"}, {"text": "a caption", field: f"before {token} after"}]
+    with pytest.raises(ItemError, match=rf"item 1: field '{field}' contains the chat control token"):
+        tiny_model.encode(items)
+
+
+def test_long_instructions_are_truncated_and_overlong_items_are_refused(tiny_model):
+    huge = "represent this " * 20_000
+    started = time.perf_counter()
+    vector = tiny_model.encode([{"text": "a red circle", "instruction": huge}])
+    assert time.perf_counter() - started < 30 and np.isfinite(vector).all()
+    limit = tiny_model.config.max_instruction_tokens
+    capped = tiny_model.prepare([{"text": "a red circle", "instruction": huge}])
+    plain = tiny_model.prepare([{"text": "a red circle", "instruction": "x"}])
+    assert capped.input_ids.shape[1] <= plain.input_ids.shape[1] + limit
+    strict = ReMatchModel.tiny(k=2, max_text_tokens=0, max_sequence_tokens=512)
+    with pytest.raises(ItemError, match=r"item 0: \d+ tokens .* over model.max_sequence_tokens=512"):
+        strict.encode([{"text": "word " * 2000}])
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_blocking(tiny_model, tmp_path):
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    started = time.perf_counter()
+    with pytest.raises(ImageLoadError, match=r"item 1: image .*x.png is not a regular file"):
+        tiny_model.encode([{"text": "fine"}, {"image": str(fifo)}])
+    assert time.perf_counter() - started < 20
+
+
+def test_huge_and_extreme_images_get_errors_naming_item_and_file(tiny_model, tmp_path):
+    huge = tmp_path / "huge.png"
+    Image.new("L", (9000, 8000)).save(huge)  # 72M pixels: over the decode bound, a tiny file
+    with pytest.raises(ImageLoadError, match=r"item 0: image .*huge.png is 9000 x 8000 pixels"):
+        tiny_model.encode([{"image": str(huge)}])
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (5000, 20)).save(thin)
+    with pytest.raises(ImageLoadError, match=r"item 0: unusable image size 5000 x 20"):
+        tiny_model.encode([{"image": str(thin), "text": "x"}])
+
+
+def test_a_large_16_bit_png_is_converted_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "gray16.png"
+    values = (np.arange(3000 * 2000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(2000, 3000)
+    Image.fromarray(values).save(path)
+    tracemalloc.start()
+    try:
+        image = load_image_for_model(str(path), 56 * 56, 448 * 448)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert image.mode == "RGB" and image.size[0] * image.size[1] <= 448 * 448
+    assert peak < 16 * 3000 * 2000  # measured 12 bytes a pixel; float64 arithmetic took 32

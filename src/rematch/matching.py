@@ -128,6 +128,9 @@ class _Block:
 def _sample_blocks(adapter: BackboneAdapter, sample: MatchSample, system: str, instruction: str,
                    where: str) -> tuple[list[_Block], _Block]:
     """Tokenise one sample's content blocks and its answer block, and number their positions."""
+    for item, role in zip([sample.query, *sample.documents], ["query"] + [f"document {j}" for j in
+                                                                         range(len(sample.documents))]):
+        adapter.check_user_text(item, f"{where} ({role})")
     texts = [adapter.chat_prefix(system) + instruction + "\n",
              QUERY_HEADER + adapter.content_text(sample.query), QUERY_HEADER + adapter.soft_token]
     for document in sample.documents:

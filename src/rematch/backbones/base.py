@@ -117,6 +117,11 @@ class BackboneAdapter(ABC):
     # give the family's chat pieces and tokenise blocks with their images.
 
     @abstractmethod
+    def check_user_text(self, item: Item, where: str) -> None:
+        """Raise :class:`~rematch.data.items.ItemError` naming ``where`` if the item's text or
+        instruction holds the family's chat control tokens."""
+
+    @abstractmethod
     def content_text(self, item: Item) -> str:
         """An item's text with its image marked in the family's format (no chat wrapper)."""
 

@@ -16,6 +16,8 @@ M-RoPE numbering for blocks the model has never seen laid out that way.
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import threading
 from typing import Iterable, Sequence
 
@@ -76,6 +78,10 @@ class QwenVLAdapter(BackboneAdapter):
         # A fast tokenizer keeps its padding settings in shared mutable state, so two threads
         # (batch prefetching and the matching branch) must not call the processor at once.
         self._processor_lock = threading.Lock()
+        specials = sorted(set(self.tokenizer.all_special_tokens) | {t.content for t in
+                                                                  self.tokenizer.added_tokens_decoder.values()},
+                          key=len, reverse=True)
+        self._control_tokens = re.compile("|".join(re.escape(token) for token in specials))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -97,7 +103,7 @@ class QwenVLAdapter(BackboneAdapter):
 
     def content_text(self, item: Item) -> str:
         """Item text (truncated) with its image marked by one ``<|image_pad|>`` vision block."""
-        text = self._truncate(item.text or "")
+        text = self._truncate(item.text or "", self.config.max_text_tokens)
         if item.image is not None:
             if IMAGE_PLACEHOLDER.search(text):
                 text = IMAGE_PLACEHOLDER.sub(VISION_BLOCK, text, count=1)
@@ -117,8 +123,23 @@ class QwenVLAdapter(BackboneAdapter):
 
     def format_item(self, item: Item, num_slots: int) -> str:
         """The chat-formatted text of one item, image marked by one ``<|image_pad|>``."""
-        system = item.instruction if item.instruction else self.config.system_prompt
+        system = self._truncate(item.instruction if item.instruction else self.config.system_prompt,
+                                self.config.max_instruction_tokens)
         return self.chat_prefix(system) + self.content_text(item) + self.answer_prefix() + SLOT_TOKEN * num_slots
+
+    def check_user_text(self, item: Item, where: str) -> None:
+        """Refuse chat control tokens in an item's text or instruction.
+
+        ``<|im_end|>`` in a caption would close the user turn early and ``<|image_pad|>`` would
+        ask for an image that is not there: the sequence would no longer be what the model was
+        trained on, or the batch would crash deep inside the model. Rejected with the item named.
+        """
+        for field_name in ("text", "instruction"):
+            value = getattr(item, field_name)
+            found = self._control_tokens.search(value) if value else None
+            if found:
+                raise ItemError(f"{where}: field {field_name!r} contains the chat control token {found.group()!r}; "
+                                "remove it (rematch adds the chat format itself)")
 
     def tokenize_blocks(self, texts: Sequence[str], images: Sequence) -> TokenizedBlocks:
         with self._processor_lock:
@@ -146,6 +167,8 @@ class QwenVLAdapter(BackboneAdapter):
     def prepare(self, items: Sequence[Item], num_slots: int, where: str = "item",
                 indices: Sequence[int] | None = None) -> EncoderBatch:
         indices = list(range(len(items))) if indices is None else list(indices)
+        for index, item in zip(indices, items):
+            self.check_user_text(item, f"{where} {index}")
         texts = [self.format_item(item, num_slots) for item in items]
         images = self.load_images(items, where, indices)
         with self._processor_lock:
@@ -153,6 +176,12 @@ class QwenVLAdapter(BackboneAdapter):
                                      return_tensors="pt", return_mm_token_type_ids=True)
         input_ids = encoded["input_ids"]
         attention_mask = encoded["attention_mask"]
+        lengths = attention_mask.sum(dim=1).tolist()
+        for row, length in enumerate(lengths):
+            if length > self.config.max_sequence_tokens:
+                raise ItemError(f"{where} {indices[row]}: {int(length)} tokens (instruction, text and image), over "
+                                f"model.max_sequence_tokens={self.config.max_sequence_tokens}; shorten the text, "
+                                "lower model.max_pixels or raise the limit")
         token_types = encoded["mm_token_type_ids"]
         grids = encoded.get("image_grid_thw")
         if num_slots and not bool((input_ids[:, -num_slots:] == self.slot_token_id).all()):
@@ -182,12 +211,14 @@ class QwenVLAdapter(BackboneAdapter):
         if item.image is not None:
             size = _image_size(item.image)
             if size is not None:
-                height, width = target_size(size[1], size[0], self.config.min_pixels, self.config.max_pixels)
+                try:
+                    height, width = target_size(size[1], size[0], self.config.min_pixels, self.config.max_pixels)
+                except ValueError:  # an unusable size: loading the image reports it, naming the item
+                    return length
                 length += height * width // (14 * 14 * self.spatial_merge ** 2)
         return length
 
-    def _truncate(self, text: str) -> str:
-        limit = self.config.max_text_tokens
+    def _truncate(self, text: str, limit: int) -> str:
         if not limit or len(text) <= limit:  # a token is at least one character
             return text
         with self._processor_lock:
@@ -248,8 +279,10 @@ def _image_size(image) -> tuple[int, int] | None:
 
     if isinstance(image, Image.Image):
         return image.size
+    if not os.path.isfile(image):  # never open a FIFO or device (it blocks); loading reports it
+        return None
     try:
         with Image.open(image) as handle:
             return handle.size
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a guess only: any failure is reported, with the item, when loading
         return None

@@ -20,6 +20,10 @@ from rematch.data.items import ItemError
 # Qwen-VL: 14 px patches merged 2 x 2, so image sides are multiples of 28.
 PATCH_FACTOR = 28
 MAX_ASPECT_RATIO = 200
+#: Largest image decoded at full size (8,000 x 8,000). Larger JPEGs are decoded at a reduced
+#: scale (draft mode); other formats that large are refused with a clear error, since PIL
+#: would first decode them whole (a 210 KB 16-bit PNG can expand to gigabytes).
+MAX_DECODE_PIXELS = 64_000_000
 
 
 class ImageLoadError(ItemError):
@@ -37,8 +41,7 @@ def open_image(source: str | os.PathLike | Image.Image, where: str = "item 0",
         image = source
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ImageLoadError(f"{where}: image file not found: {path}")
+        check_image_file(path, where)
         try:
             image = Image.open(path)
             if draft_pixels and image.format == "JPEG":
@@ -46,6 +49,10 @@ def open_image(source: str | os.PathLike | Image.Image, where: str = "item 0",
                 scale = math.sqrt(draft_pixels / max(1, width * height))
                 if scale < 1:
                     image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+            width, height = image.size
+            if width * height > MAX_DECODE_PIXELS:
+                raise ImageLoadError(f"{where}: image {path} is {width} x {height} pixels, more than the "
+                                     f"{MAX_DECODE_PIXELS:,} rematch decodes; shrink it first")
             image.load()
         except Image.DecompressionBombError as error:
             raise ImageLoadError(f"{where}: image {path} is too large to decode safely ({error})") from error
@@ -58,6 +65,15 @@ def open_image(source: str | os.PathLike | Image.Image, where: str = "item 0",
         raise ImageLoadError(f"{where}: cannot convert image to RGB: {error}") from error
 
 
+def check_image_file(path: Path, where: str) -> None:
+    """A regular file, or a clear error: a FIFO or device named ``x.png`` would block or
+    stream forever when opened, and a directory gives an unhelpful error."""
+    if not path.exists():
+        raise ImageLoadError(f"{where}: image file not found: {path}")
+    if not path.is_file():
+        raise ImageLoadError(f"{where}: image {path} is not a regular file")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB: alpha is composited on white, high bit depths rescaled."""
     if image.mode == "RGB":
@@ -68,13 +84,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16"):  # integer arithmetic: no float copy of a large image
+        values = np.asarray(image).astype(np.uint32)
+        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            scaled = values / 65535.0
-        else:  # 32-bit integer or float: stretch the actual range
-            low, high = float(values.min()), float(values.max())
-            scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())  # 32-bit integer or float: stretch the range
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
         gray = np.clip(np.round(scaled * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     return image.convert("RGB")
@@ -109,6 +126,9 @@ def load_image_for_model(source: str | os.PathLike | Image.Image, min_pixels: in
         new_h, new_w = target_size(height, width, min_pixels, max_pixels)
     except ValueError as error:
         raise ImageLoadError(f"{where}: unusable image size {width} x {height}: {error}") from error
+    if max(new_h, new_w) / min(new_h, new_w) > MAX_ASPECT_RATIO:  # rounding to 28 px can stretch it
+        raise ImageLoadError(f"{where}: unusable image size {width} x {height}: resized to {new_w} x {new_h}, "
+                             f"an aspect ratio over {MAX_ASPECT_RATIO}")
     if (new_w, new_h) != (width, height):
         # reducing_gap lets PIL downsample huge images in cheap integer steps first.
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)

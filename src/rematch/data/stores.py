@@ -116,10 +116,27 @@ class _LineIndexedStore(RowStore):
         return state
 
     def line_number(self, index: int) -> int:
-        """1-based line of row ``index`` (counted on demand: only error messages need it)."""
-        offset = int(self.offsets[index])
+        """1-based line of row ``index``, counted on demand (only error messages need it).
+
+        Counting streams the file in 1 MiB chunks from the nearest position already counted,
+        so memory stays bounded and the bad rows of a ``skip_bad`` pass (met in file order)
+        cost one pass over the file in total, not one pass each.
+        """
+        target = int(self.offsets[index])
+        start, line = getattr(self, "_last_counted", (0, 1))
+        if start > target:
+            start, line = 0, 1
         with open(self.path, "rb") as handle:
-            return handle.read(offset).count(b"\n") + 1
+            handle.seek(start)
+            remaining = target - start
+            while remaining > 0:
+                chunk = handle.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                line += chunk.count(b"\n")
+                remaining -= len(chunk)
+        self._last_counted = (target, line)
+        return line
 
 
 class JsonlStore(_LineIndexedStore):

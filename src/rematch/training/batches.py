@@ -10,6 +10,7 @@ one after the last batch actually trained on, never after the prefetched ones.
 from __future__ import annotations
 
 import itertools
+import json
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,19 +67,39 @@ class BatchStream:
 
 
 def resolve_train_source(config: Config, run_dir: Path, log=print) -> tuple[str, str | None]:
-    """The data source and image root to read; ``builtin`` generates the shapes world once per run."""
+    """The data source and image root to read; ``builtin`` generates the shapes world once per run.
+
+    The generated world records the parameters it was made with (``.complete`` holds them as
+    JSON) and is made again, atomically, when they differ from the config's: a world of 40 rows
+    must never be trained on by a run whose config.yaml says 2,000.
+    """
     data = config.data
     if data.source != "builtin":
         return data.source, data.image_root
+    from rematch.atomic import write_directory_atomically
     from rematch.data.shapes_tasks import write_shapes_dataset
 
     root = run_dir / "data" / "shapes"
     marker = root / ".complete"
-    if not marker.is_file():
-        log(f"generating the built-in shapes world ({data.builtin_train_rows} training rows) in {root}")
-        write_shapes_dataset(root, train_rows=data.builtin_train_rows, eval_queries=0, seed=data.builtin_seed)
-        marker.write_text("ok\n", encoding="utf-8")
+    wanted = {"train_rows": data.builtin_train_rows, "seed": data.builtin_seed, "generator_version": 1}
+    if _read_marker(marker) != wanted:
+        reason = "" if not root.exists() else " (the one there was made with other settings or is incomplete)"
+        log(f"generating the built-in shapes world ({data.builtin_train_rows} training rows, seed "
+            f"{data.builtin_seed}) in {root}{reason}")
+
+        def write(directory: Path) -> None:
+            write_shapes_dataset(directory, train_rows=data.builtin_train_rows, eval_queries=0, seed=data.builtin_seed)
+            (directory / marker.name).write_text(json.dumps(wanted) + "\n", encoding="utf-8")
+
+        write_directory_atomically(root, write)
     return str(root), data.image_root
+
+
+def _read_marker(marker: Path) -> dict | None:
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def open_source(config: Config, run_dir: Path, log=print, world_size: int = 1):

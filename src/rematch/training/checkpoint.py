@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -39,18 +40,44 @@ class ResumeState:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain numbers only, so that loading them
+    needs no unpickling of arbitrary objects (``torch.load(weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds something other than tensors and plain values (never unpickled)."""
+
+
+def load_plain(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain Python values: a checkpoint may come from
+    someone else, and unpickling arbitrary objects runs their code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(f"{path}: holds objects other than tensors and plain values; refusing to "
+                                    f"load it (rematch never unpickles code from a checkpoint). Detail: "
+                                    f"{str(error).splitlines()[0]}") from error
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -153,9 +180,9 @@ def load_checkpoint(directory: Path, module: torch.nn.Module, optimizer, schedul
     with torch.no_grad():
         for name, value in weights.items():
             parameters[name].copy_(value)
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=False))
-    rng_states = torch.load(directory / "rng.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(load_plain(directory / "optimizer.pt"))
+    scheduler.load_state_dict(load_plain(directory / "scheduler.pt"))
+    rng_states = load_plain(directory / "rng.pt")
     set_rng_state(rng_states[min(rank, len(rng_states) - 1)])
     state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     return ResumeState(step=state["step"], data_state=state["data_state"], extra=state.get("extra", {}))
