@@ -54,7 +54,13 @@ class ModelConfig:
     max_pixels: int = 448 * 448
     """Images larger than this are downscaled; bounds memory and image-token count."""
     max_text_tokens: int = 512
-    """Text beyond this many tokens is truncated (images and the learnable tokens are kept)."""
+    """Text beyond this many tokens is truncated (images and the learnable tokens are kept);
+    0 = no truncation (the official MMEB evaluation setting)."""
+    max_instruction_tokens: int = 256
+    """An instruction or system prompt beyond this many tokens is truncated."""
+    max_sequence_tokens: int = 16384
+    """An item whose whole sequence (chat wrapper, instruction, text, image tokens, K slots)
+    is longer than this is an error naming the item, not an hour-long forward."""
     system_prompt: str = "You are a helpful assistant."
     """System turn used when an item carries no instruction of its own."""
     dtype: str = "float32"
@@ -85,6 +91,11 @@ class ModelConfig:
             raise ConfigError(f"model.min_pixels ({self.min_pixels}) > model.max_pixels ({self.max_pixels})")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for name in ("max_text_tokens", "max_instruction_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0 (0 = no truncation), got {getattr(self, name)}")
+        if self.max_sequence_tokens < 1:
+            raise ConfigError(f"model.max_sequence_tokens must be >= 1, got {self.max_sequence_tokens}")
         if self.projector_layers < 1:
             raise ConfigError(f"model.projector_layers must be >= 1, got {self.projector_layers}")
 
