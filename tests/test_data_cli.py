@@ -53,3 +53,19 @@ def test_check_reports_missing_and_corrupt_images_and_schema_with_row_ids(tmp_pa
     assert f"{t2i} row 3: field 'neg_image_path': cannot read image" in printed
     assert f"{t2i} row 4: field 'qry'" in printed and f"{t2i} row 5: field 'pos_text': missing column" in printed
     assert "4 bad row(s) in 30 rows" in printed
+
+
+def test_an_unreadable_file_is_reported_and_the_other_subsets_are_still_checked(tmp_path, capsys):
+    out = tmp_path / "world"
+    assert _synth(out, "parquet") == 0
+    (out / "ShapesCLS" / "train.parquet").write_bytes(b"PAR1 this is not parquet at all PAR1")
+    (out / "ShapesVQA" / "train.parquet").unlink()
+    (out / "ShapesVQA" / "train.jsonl").write_bytes(b'{"qry": "\xff\xfe broken utf-8"}\n')
+    capsys.readouterr()
+    assert main(["data", "check", str(out), "--split", "train"]) == 1
+    printed = capsys.readouterr().out
+    table = printed.split("\n\n")[0].splitlines()[1:]
+    assert {line.split()[0] for line in table} == {"ShapesCLS", "ShapesGround", "ShapesI2T", "ShapesT2I", "ShapesVQA"}
+    assert f"ShapesCLS/train: UNREADABLE: cannot read {out / 'ShapesCLS' / 'train.parquet'}" in printed
+    assert f"{out / 'ShapesVQA' / 'train.jsonl'} row 0" in printed  # a broken line is a bad row, named
+    assert "1 bad row(s)" in printed and "1 file(s) could not be read" in printed

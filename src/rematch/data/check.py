@@ -35,10 +35,12 @@ class SubsetCheck:
     rows: int
     bad_rows: int
     report: BadRowReport
+    error: str | None = None
+    """Why the subset's file could not be read (to the end), if it could not."""
 
     @property
     def ok(self) -> bool:
-        return self.bad_rows == 0
+        return self.bad_rows == 0 and self.error is None
 
 
 def _subsets(root: Path, split: str, image_root: str | None) -> Iterator[SubsetSource]:
@@ -82,6 +84,7 @@ def check_subset(source: SubsetSource, decode_images: bool = True, strip_orphan_
     parser = RowParser(source.name, source.image_root, strip_orphan_placeholders=strip_orphan_placeholders)
     decoded: dict[str, str | None] = {}
     rows = bad_rows = 0
+    error = None
     try:
         for index, row in store.iter_rows():
             rows += 1
@@ -101,9 +104,29 @@ def check_subset(source: SubsetSource, decode_images: bool = True, strip_orphan_
             for repair in parsed.repairs:
                 report.record_repair(repair, ref)
             bad_rows += bool(problems)
+    except _UNREADABLE_FILE as failure:  # the rest of this file cannot be read: say so, check the others
+        error = f"cannot read {source.location} after {rows} row(s): {type(failure).__name__}: {failure}"
     finally:
         store.close()
-    return SubsetCheck(source.name, source.split, schema, source.location, rows, bad_rows, report)
+    return SubsetCheck(source.name, source.split, schema, source.location, rows, bad_rows, report, error)
+
+
+def _unreadable_file_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow
+
+    return (OSError, ValueError, pyarrow.ArrowException)
+
+
+_UNREADABLE_FILE = _unreadable_file_errors()
+
+
+def _check_or_report(source: SubsetSource, **options) -> SubsetCheck:
+    """``check_subset``, or a failed check naming the file when it cannot even be opened."""
+    try:
+        return check_subset(source, **options)
+    except _UNREADABLE_FILE as failure:
+        return SubsetCheck(source.name, source.split, "?", source.location, 0, 0, BadRowReport(),
+                           f"cannot read {source.location}: {type(failure).__name__}: {failure}")
 
 
 def _unreadable(row, schema, parser: RowParser, ref: RowRef, decoded: dict[str, str | None]) -> list[RowProblem]:
@@ -130,7 +153,8 @@ def check_dataset(root: str | os.PathLike, image_root: str | os.PathLike | None 
                   max_examples: int = 3) -> list[SubsetCheck]:
     """Check every subset (and split: ``train``, ``test``, ... or ``all``) under ``root``."""
     root = Path(root)
-    results = [check_subset(source, decode_images, strip_orphan_placeholders, max_examples)
+    results = [_check_or_report(source, decode_images=decode_images,
+                                 strip_orphan_placeholders=strip_orphan_placeholders, max_examples=max_examples)
                for source in _subsets(root, split, str(image_root) if image_root is not None else None)]
     if not results:
         raise FileNotFoundError(f"{root}: no subsets found (expected {root}/<Subset>/<split>.jsonl, .parquet or "
@@ -156,6 +180,8 @@ def format_check(results: list[SubsetCheck]) -> str:
     lines = [line(header)] + [line(row) for row in table]
     details = []
     for result in results:
+        if result.error:
+            details.append(f"{result.subset}/{result.split}: UNREADABLE: {result.error}")
         for reason in REASONS:
             shown = result.report.examples.get(reason, [])
             if shown:
@@ -167,6 +193,8 @@ def format_check(results: list[SubsetCheck]) -> str:
         lines += [""] + details
     bad = sum(r.bad_rows for r in results)
     total = sum(r.rows for r in results)
+    unreadable = sum(r.error is not None for r in results)
     lines += ["", f"{bad} bad row(s) in {total} rows of {len(results)} subset split(s)"
-              + ("" if bad else ": all good")]
+              + (f"; {unreadable} file(s) could not be read" if unreadable else "")
+              + ("" if bad or unreadable else ": all good")]
     return "\n".join(lines)
