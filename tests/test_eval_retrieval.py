@@ -82,7 +82,7 @@ def test_cli_retrieval_writes_json(files, capsys):
     out = files / "out"
     assert main(["eval", "retrieval", "--model", "tiny", "--queries", str(files / "queries.jsonl"), "--corpus",
                  str(files / "corpus.jsonl"), "--qrels", str(files / "qrels.tsv"), "--out", str(out), "--no-cache",
-                 "--ks", "1", "3", "--json"]) == 0
+                 "--ks", "1", "3", "--json", "--allow-untrained"]) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((out / "retrieval.json").read_text())
     assert printed == written
@@ -90,7 +90,7 @@ def test_cli_retrieval_writes_json(files, capsys):
     assert written["throughput"]["items_encoded"] == 3 + 5
     assert main(["eval", "retrieval", "--model", "tiny", "--queries", str(files / "queries.jsonl"), "--corpus",
                  str(files / "corpus.jsonl"), "--qrels", str(files / "qrels.tsv"), "--rerank", "3", "--no-cache",
-                 "--ks", "1", "3", "--json"]) == 0
+                 "--ks", "1", "3", "--json", "--allow-untrained"]) == 0
     reranked = json.loads(capsys.readouterr().out)
     assert reranked["rerank"] == 3 and set(reranked["metrics"]) == set(written["metrics"])
 

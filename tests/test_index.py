@@ -204,20 +204,24 @@ def test_cli_build_and_search(tmp_path, corpus, capsys):
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n"
                                                    for r in rows))
     out = tmp_path / "index"
-    assert main(["index", "build", "--model", "tiny", "--corpus", str(tmp_path / "corpus.jsonl"), "--out", str(out),
+    assert main(["index", "build", "--model", "tiny", "--allow-untrained", "--corpus", str(tmp_path / "corpus.jsonl"),
+                 "--out", str(out),
                  "--shard-size", "5"]) == 0
     assert "wrote a flat index of 12 items" in capsys.readouterr().out
-    assert main(["search", "--index", str(out), "--text", "a red square", "-k", "3", "--json"]) == 0
+    assert main(["search", "--allow-untrained", "--index", str(out), "--text", "a red square", "-k", "3",
+                 "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert {"id", "score", "text", "image", "colour"} <= set(hits[0])
-    assert main(["search", "--index", str(out), "--image", items[0].image, "-k", "2"]) == 0
+    assert main(["search", "--allow-untrained", "--index", str(out), "--image", items[0].image, "-k", "2"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     with pytest.raises(SystemExit, match="fingerprint"):
-        main(["search", "--index", str(out), "--model", "tiny:small", "--text", "x"])
-    assert main(["search", "--index", str(out), "--text", "a red square", "-k", "8", "--json"]) == 0
+        main(["search", "--allow-untrained", "--index", str(out), "--model", "tiny:small", "--text", "x"])
+    assert main(["search", "--allow-untrained", "--index", str(out), "--text", "a red square", "-k", "8",
+                 "--json"]) == 0
     first_stage = [h["id"] for h in json.loads(capsys.readouterr().out)]
-    assert main(["search", "--index", str(out), "--text", "a red square", "-k", "8", "--rerank", "5", "--json"]) == 0
+    assert main(["search", "--allow-untrained", "--index", str(out), "--text", "a red square", "-k", "8",
+                 "--rerank", "5", "--json"]) == 0
     reranked = [h["id"] for h in json.loads(capsys.readouterr().out)]
     assert sorted(reranked[:5]) == sorted(first_stage[:5])  # a permutation of the first-stage top 5
     assert reranked[5:] == first_stage[5:]

@@ -216,3 +216,17 @@ def test_prepare_is_safe_from_several_threads(tiny_model, shape_images):
         futures = [pool.submit(padded if i % 2 else unpadded, i) for i in range(80)]
         results = [f.result() for f in futures]
     assert len(results) == 80
+
+
+def test_learnable_tokens_start_from_learned_vocabulary_rows_only():
+    """Not from special/added tokens, nor from the padding rows past the tokenizer's vocabulary."""
+    model = ReMatchModel.tiny(k=64, seed=3)
+    tokenizer = model.adapter.tokenizer
+    table = model.adapter.core(model.backbone).get_input_embeddings().weight.detach()
+    assert table.shape[0] > tokenizer.vocab_size  # the tiny backbone pads its table, as Qwen2-VL does
+    bad = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    bad |= set(range(tokenizer.vocab_size, table.shape[0]))
+    for tokens in (model.query_tokens, model.document_tokens):
+        ids = [int((table - row).abs().sum(dim=1).argmin()) for row in tokens.detach()]
+        assert all(torch.equal(table[i], row) for i, row in zip(ids, tokens.detach()))
+        assert len(set(ids)) == 64 and not set(ids) & bad

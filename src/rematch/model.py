@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from rematch.backbones import adapter_for, load_backbone
 from rematch.backbones.base import EncoderBatch
 from rematch.config import ROLES, ModelConfig
-from rematch.data.items import ItemLike, as_items
-from rematch.layers import EmbeddingProjector, init_learnable_tokens
+from rematch.data.items import Item, ItemLike, as_items
+from rematch.instructions import document_items, with_resolved_table
+from rematch.layers import EmbeddingProjector, init_learnable_tokens, ordinary_token_ids
 
 
 @dataclass
@@ -47,10 +48,15 @@ class ReMatchModel(nn.Module):
     checkpoint, fresh ReMatch parts) or :meth:`from_pretrained` (a saved ReMatch model).
     """
 
+    heads_source: str | None = None
+    """Where the learnable tokens and projector came from: the directory or hub id they were
+    loaded from, or None when freshly initialised (tiny / from_config / from_backbone).
+    Commands that embed refuse a model with None here unless told to allow it."""
+
     def __init__(self, backbone: nn.Module, processor, config: ModelConfig):
         super().__init__()
         config.validate()
-        self.config = config
+        self.config = with_resolved_table(config)  # the saved model keeps the table it was trained with
         self.backbone = backbone
         model_type = self._causal_lm().config.model_type
         self.adapter = adapter_for(model_type)(processor, config)
@@ -58,11 +64,11 @@ class ReMatchModel(nn.Module):
         self.yes_token_id = self.adapter.token_id("Yes")
         self.no_token_id = self.adapter.token_id("No")
         embedding_weight = self.adapter.core(backbone).get_input_embeddings().weight
-        special_ids = set(self.adapter.tokenizer.all_special_ids)
+        ordinary = ordinary_token_ids(self.adapter.tokenizer, embedding_weight.shape[0])
         generator = torch.Generator().manual_seed(config.seed)
         k = config.num_tokens
-        self.query_tokens = nn.Parameter(init_learnable_tokens(embedding_weight, k, generator, special_ids))
-        self.document_tokens = nn.Parameter(init_learnable_tokens(embedding_weight, k, generator, special_ids))
+        self.query_tokens = nn.Parameter(init_learnable_tokens(embedding_weight, k, generator, ordinary))
+        self.document_tokens = nn.Parameter(init_learnable_tokens(embedding_weight, k, generator, ordinary))
         typical_norm = float(embedding_weight.detach().float().norm(dim=-1).median())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -95,28 +101,39 @@ class ReMatchModel(nn.Module):
         return cls.from_config(config)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        **expected) -> "ReMatchModel":
-        """Load a directory written by :meth:`save_pretrained`.
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None, *,
+                        revision: str | None = None, new_heads: bool = False, **expected) -> "ReMatchModel":
+        """Load a model written by :meth:`save_pretrained`: a local directory or a hub id.
 
-        Keyword arguments are expectations checked against the saved configuration
-        (e.g. ``num_tokens=16``): a mismatch is an error, never a silent re-initialisation.
-        A directory holding only a Qwen-VL checkpoint gets fresh ReMatch parts instead.
+        A hub id (``org/name``, optionally ``org/name@revision`` or ``revision=``) is resolved
+        to its snapshot with ``huggingface_hub.snapshot_download`` (the local cache is used,
+        and ``HF_HUB_OFFLINE=1`` is obeyed), then loaded exactly like a directory. Keyword
+        arguments are expectations checked against the saved configuration (e.g.
+        ``num_tokens=16``): a mismatch is an error, never a silent re-initialisation.
+
+        A bare Qwen-VL checkpoint (no ``rematch_config.json``) is refused rather than given
+        random heads; ``new_heads=True`` (or :meth:`from_backbone`) asks for fresh ones, with
+        the keyword arguments as ModelConfig fields. ``device`` defaults to CUDA when available
+        (:func:`rematch.devices.default_device`).
         """
+        from rematch.devices import resolve_device
         from rematch.serialization import load_rematch_model
 
-        model = load_rematch_model(cls, Path(path), expected)
-        return model.to(device) if device is not None else model
+        model = load_rematch_model(cls, path, expected, revision=revision, new_heads=new_heads)
+        return model.to(resolve_device(device))
 
     @classmethod
     def load(cls, spec: str, device: str | torch.device | None = None) -> "ReMatchModel":
         """A model from a short spec: ``tiny``, ``tiny:small``, ``tiny:small:qwen2_5_vl`` (offline,
-        untrained), or anything :meth:`from_pretrained` takes (a saved directory or hub id)."""
+        untrained: ``heads_source`` is None), or a saved ReMatch directory or hub id
+        (:meth:`from_pretrained`). ``device`` defaults to CUDA when available."""
+        from rematch.devices import resolve_device
+
         if spec == "tiny" or spec.startswith("tiny:"):
             parts = spec.split(":")
             size = parts[1] if len(parts) > 1 and parts[1] else "tiny"
             family = parts[2] if len(parts) > 2 and parts[2] else "qwen2_vl"
-            return cls.tiny(size=size, backbone=family, device=device or "cpu")
+            return cls.tiny(size=size, backbone=family, device=resolve_device(device))
         return cls.from_pretrained(spec, device=device)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -158,9 +175,17 @@ class ReMatchModel(nn.Module):
 
     def prepare(self, items: Sequence[ItemLike], role: str = "query", where: str = "item",
                 indices: Sequence[int] | None = None) -> EncoderBatch:
-        """Items -> a padded batch on the CPU (cheap to run in DataLoader workers)."""
+        """Items -> a padded batch on the CPU (cheap to run in DataLoader workers).
+
+        Documents without an instruction get the model's default document instruction
+        (callers that know the subset apply its own first: see :mod:`rematch.instructions`).
+        """
+        return self.adapter.prepare(self._for_role(as_items(items, where), role), self.num_tokens, where=where,
+                                    indices=indices)
+
+    def _for_role(self, items: list[Item], role: str) -> list[Item]:
         self.role_tokens(role)  # validates the role
-        return self.adapter.prepare(as_items(items, where), self.num_tokens, where=where, indices=indices)
+        return document_items(items, None, self.config) if role == "document" else items
 
     def embed(self, batch: EncoderBatch, role: str) -> EmbeddingOutput:
         """One differentiable embedding forward."""
@@ -190,8 +215,7 @@ class ReMatchModel(nn.Module):
         Items are sorted by length internally so batches carry little padding; rows come
         back in input order.
         """
-        items = as_items(list(items))
-        self.role_tokens(role)
+        items = self._for_role(as_items(list(items)), role)
         output = np.zeros((len(items), self.hidden_size), dtype=np.float32)
         if not items:
             return output

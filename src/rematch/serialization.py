@@ -10,6 +10,11 @@ Layout of a saved model (a directory that is also a valid Hugging Face checkpoin
 
 Directories are written to a temporary sibling and renamed into place, so a crash
 never leaves a half-written model where a complete one is expected.
+
+Loading takes a local path or a hub id (resolved to a snapshot by :mod:`rematch.hub`, then
+read like any directory), and so does a LoRA adapter's base reference. A directory without
+``rematch_config.json`` is refused: only an explicit ``new_heads=True`` builds fresh,
+untrained ReMatch parts on a bare backbone.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +33,7 @@ from rematch.backbones import MODEL_CLASSES, TORCH_DTYPES, load_backbone, load_p
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
 from rematch.atomic import write_directory_atomically
 from rematch.config import ROLES, ModelConfig, from_dict
+from rematch.hub import ModelNotFoundError, resolve_model_dir
 
 CONFIG_NAME = "rematch_config.json"
 HEADS_NAME = "rematch_heads.safetensors"
@@ -35,6 +42,10 @@ FORMAT_VERSION = 1
 
 class CheckpointMismatchError(ValueError):
     """A saved model does not match what the caller asked for or what its files hold."""
+
+
+class NotAReMatchModelError(CheckpointMismatchError):
+    """A directory given to ``from_pretrained`` holds no saved ReMatch model (no rematch_config.json)."""
 
 
 # ---------------------------------------------------------------------------- fingerprints
@@ -116,15 +127,24 @@ def read_rematch_meta(path: Path) -> dict[str, Any] | None:
     return meta
 
 
-def load_rematch_model(cls, path: Path, expected: Mapping[str, Any]):
-    if not path.exists() and not _looks_like_hub_id(str(path)):
-        raise FileNotFoundError(f"no model directory at {path}")
-    meta = read_rematch_meta(path) if path.exists() else None
-    if meta is None:  # a bare backbone checkpoint: fresh ReMatch parts
-        fields = {k: v for k, v in expected.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
-        fields.setdefault("pooling", "mean" if fields.get("num_tokens", 16) else "last")
-        config = ModelConfig(backbone=str(path), **fields)
-        return cls.from_config(config)
+def load_rematch_model(cls, spec: str | os.PathLike, expected: Mapping[str, Any], *, revision: str | None = None,
+                       new_heads: bool = False):
+    """A model from a saved ReMatch directory (a local path or hub id, see :mod:`rematch.hub`).
+
+    A directory without ``rematch_config.json`` is refused: loading it would attach random
+    ReMatch heads and every embedding would be silently meaningless. ``new_heads=True``
+    asks for exactly that on a bare backbone (as :meth:`ReMatchModel.from_backbone` does).
+    """
+    path = resolve_model_dir(spec, revision)
+    meta = read_rematch_meta(path)
+    if meta is None:
+        if not new_heads or (path / HEADS_NAME).is_file():
+            raise NotAReMatchModelError(_not_a_rematch_model(spec, path))
+        return _with_fresh_heads(cls, os.fspath(spec) + (f"@{revision}" if revision else ""), path, expected)
+    if new_heads:
+        raise CheckpointMismatchError(
+            f"{spec} is a saved ReMatch model with its own heads; new_heads=True would throw them away. "
+            "Load it without new_heads, or use ReMatchModel.from_backbone() on a bare backbone")
 
     config = from_dict(ModelConfig, meta["model"], where=str(path / CONFIG_NAME))
     _check_expectations(path, config, meta, expected)
@@ -144,11 +164,37 @@ def load_rematch_model(cls, path: Path, expected: Mapping[str, Any]):
         raise CheckpointMismatchError(f"{path}: {CONFIG_NAME} says hidden size {meta['hidden_size']} but the "
                                       f"backbone has {model.hidden_size}")
     _load_heads(model, path)
+    model.heads_source = os.fspath(spec) + (f"@{revision}" if revision else "")
     return model
 
 
-def _looks_like_hub_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/"))
+def _not_a_rematch_model(spec: str | os.PathLike, path: Path) -> str:
+    where = f"{spec}" if os.fspath(spec) == os.fspath(path) else f"{spec} ({path})"
+    if (path / HEADS_NAME).is_file():
+        return (f"{where} has {HEADS_NAME} but no {CONFIG_NAME}: an incomplete copy of a ReMatch model; "
+                f"copy {CONFIG_NAME} from where the model was saved")
+    if not (path / "config.json").is_file():
+        return f"{where} is not a model directory: it has neither {CONFIG_NAME} nor config.json"
+    return (f"{where} is a bare backbone checkpoint, not a saved ReMatch model (no {CONFIG_NAME}), so it has no "
+            f"trained ReMatch heads; for fresh, untrained heads on it use ReMatchModel.from_backbone({spec!r}) "
+            f"or ReMatchModel.from_pretrained({spec!r}, new_heads=True)")
+
+
+def _with_fresh_heads(cls, spec: str | os.PathLike, path: Path, expected: Mapping[str, Any]):
+    """Fresh ReMatch parts on the bare backbone in ``path``; the config records ``spec`` (the hub
+    id and revision, not a cache path) so a LoRA adapter trained on it names a base that resolves
+    on another machine too."""
+    field_names = {field.name for field in dataclasses.fields(ModelConfig)} - {"backbone"}
+    fields = {("num_tokens" if key == "k" else key): value for key, value in expected.items()}
+    unknown = sorted(set(fields) - field_names)
+    if unknown:
+        raise TypeError(f"from_pretrained(new_heads=True) got unexpected keyword argument(s) {unknown}; "
+                        f"ModelConfig fields are {sorted(field_names)}")
+    fields.setdefault("pooling", "mean" if fields.get("num_tokens", ModelConfig.num_tokens) else "last")
+    config = ModelConfig(backbone=os.fspath(spec), **fields)
+    config.validate()
+    backbone, processor = load_pretrained_backbone(path, config)
+    return cls(backbone, processor, config)
 
 
 def _check_expectations(path: Path, config: ModelConfig, meta: Mapping[str, Any],
@@ -182,8 +228,14 @@ def _load_peft_backbone(path: Path, config: ModelConfig, meta: Mapping[str, Any]
     if config.backbone == "tiny":
         base, processor = load_backbone(config)
     else:
+        # the base is referenced by name (a hub id or a path): resolved like any model spec
         base_reference = config.backbone or adapter_config.get("base_model_name_or_path")
-        base, processor = load_pretrained_backbone(base_reference, config)
+        try:
+            base_dir = resolve_model_dir(base_reference)
+        except ModelNotFoundError as error:
+            raise ModelNotFoundError(f"{path}: the base model of its LoRA adapter, {base_reference!r}, is not "
+                                     f"available: {error}") from error
+        base, processor = load_pretrained_backbone(base_dir, config)
     fingerprint = weights_fingerprint(base.state_dict())
     if meta.get("base_fingerprint") and fingerprint != meta["base_fingerprint"]:
         raise CheckpointMismatchError(

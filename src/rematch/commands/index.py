@@ -7,23 +7,24 @@ import json
 from pathlib import Path
 
 from rematch.commands.evaluate import user_errors
+from rematch.commands.loading import add_model_loading_flags
 
 
 def _model_source(spec: str) -> str:
     """What the manifest records as the model: an absolute path for a local directory, else the spec."""
-    path = Path(spec)
+    path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else spec
 
 
 @user_errors
 def cmd_build(args: argparse.Namespace) -> int:
-    from rematch import ReMatchModel
+    from rematch.commands.loading import load_model
     from rematch.retrieval.corpus import read_corpus
     from rematch.retrieval.index import build_index
 
     corpus = read_corpus(args.corpus, args.image_root, instruction=args.instruction)
     print(f"read {len(corpus)} items from {args.corpus}")
-    model = ReMatchModel.load(args.model, args.device)
+    model = load_model(args.model, args.device, allow_untrained=args.allow_untrained)
     build_index(model, corpus.items, corpus.ids, args.out, metadata=corpus.metadata, index_type=args.index_type,
                 nlist=args.nlist, hnsw_m=args.hnsw_m, shard_size=args.shard_size, batch_size=args.batch_size,
                 overwrite=args.overwrite, model_source=_model_source(args.model), show_progress=args.progress)
@@ -32,11 +33,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 @user_errors
 def cmd_search(args: argparse.Namespace) -> int:
-    from rematch.retrieval.index import open_index
+    from rematch.commands.loading import load_model
+    from rematch.retrieval.index import Index, index_model_spec
 
     if args.text is None and args.image is None:
         raise SystemExit("rematch search: give --text and/or --image")
-    index = open_index(args.index, args.model, args.device)
+    model = load_model(index_model_spec(args.index, args.model), args.device, allow_untrained=args.allow_untrained)
+    index = Index.load(args.index, model=model)
     query = {"text": args.text, "image": args.image, "instruction": args.instruction}
     (hits,) = index.search([{k: v for k, v in query.items() if v is not None}], k=args.k, rerank=args.rerank,
                            nprobe=args.nprobe, ef_search=args.ef_search)
@@ -69,7 +72,7 @@ def register(sub) -> None:
                                                           "directory)")
     build.add_argument("--instruction", default=None, help="instruction for items that have none")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
-    build.add_argument("--device", default=None)
+    add_model_loading_flags(build)
     build.add_argument("--progress", action="store_true")
     build.set_defaults(func=cmd_build)
 
@@ -87,5 +90,5 @@ def register(sub) -> None:
     search.add_argument("--nprobe", type=int, default=None, help="IVF lists to search")
     search.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
     search.add_argument("--json", action="store_true", help="print hits as JSON")
-    search.add_argument("--device", default=None)
+    add_model_loading_flags(search)
     search.set_defaults(func=cmd_search)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from rematch.commands.common import read_jsonl
+from rematch.commands.evaluate import user_errors
+from rematch.commands.loading import add_model_loading_flags
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -18,32 +20,41 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+@user_errors
 def cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from rematch import ReMatchModel
+    from rematch.commands.loading import load_model
     from rematch.data.items import as_items
 
     items = as_items(read_jsonl(args.input), where=f"{args.input} row")
-    model = ReMatchModel.load(args.model, args.device)
+    model = load_model(args.model, args.device, allow_untrained=args.allow_untrained)
     vectors = model.encode(items, role=args.role, batch_size=args.batch_size, show_progress=True)
     np.save(args.out, vectors)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {args.out}")
     return 0
 
 
+@user_errors
 def cmd_info(args: argparse.Namespace) -> int:
-    from rematch.serialization import CONFIG_NAME
+    from rematch.hub import resolve_model_dir
+    from rematch.serialization import CONFIG_NAME, NotAReMatchModelError, read_rematch_meta
 
-    meta = json.loads((Path(args.model) / CONFIG_NAME).read_text(encoding="utf-8"))
+    directory = resolve_model_dir(args.model, allow_patterns=[CONFIG_NAME])  # a hub id: fetch only the config
+    meta = read_rematch_meta(directory)
+    if meta is None:
+        raise NotAReMatchModelError(f"{args.model} is not a saved ReMatch model: {Path(directory) / CONFIG_NAME} "
+                                    "is missing")
     print(json.dumps(meta, indent=2))
     return 0
 
 
+@user_errors
 def cmd_merge_lora(args: argparse.Namespace) -> int:
     from rematch import ReMatchModel
 
-    model = ReMatchModel.from_pretrained(args.input)
+    # a one-off rewrite of the weights: the CPU holds whatever fits in RAM, a GPU might not
+    model = ReMatchModel.from_pretrained(args.input, device="cpu")
     model.merge_lora().save_pretrained(args.output)
     print(f"merged the LoRA adapters of {args.input} into a standalone model at {args.output}")
     return 0
@@ -64,14 +75,14 @@ def register(sub) -> None:
     encode.add_argument("--role", default="query", choices=["query", "document"])
     encode.add_argument("--out", required=True, help="output .npy path")
     encode.add_argument("--batch-size", type=int, default=16)
-    encode.add_argument("--device", default=None)
+    add_model_loading_flags(encode)
     encode.set_defaults(func=cmd_encode)
 
     merge = sub.add_parser("merge-lora", help="fold a trained model's LoRA adapters into its backbone")
-    merge.add_argument("input", help="a saved ReMatch model with LoRA adapters")
+    merge.add_argument("input", help="a saved ReMatch model with LoRA adapters (directory or hub id)")
     merge.add_argument("output", help="where to write the standalone model")
     merge.set_defaults(func=cmd_merge_lora)
 
     info = sub.add_parser("info", help="print a saved model's rematch_config.json")
-    info.add_argument("model")
+    info.add_argument("model", help="model directory or hub id")
     info.set_defaults(func=cmd_info)

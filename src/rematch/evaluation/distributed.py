@@ -59,13 +59,15 @@ def init_from_environment() -> str | None:
     import torch
     import torch.distributed as dist
 
+    from rematch.devices import default_device
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return None
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    device = default_device()  # cuda:LOCAL_RANK, the same rule single-process commands use
+    if device != "cpu":
+        torch.cuda.set_device(device)
         dist.init_process_group("nccl")
-        return f"cuda:{local_rank}"
+        return device
     dist.init_process_group("gloo")
     return None
 

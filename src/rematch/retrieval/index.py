@@ -287,13 +287,19 @@ class Index:
 def open_index(path: str | os.PathLike, model_spec: str | None = None, device: str | None = None,
                verify: bool = False) -> Index:
     """Load an index with a model ready to search it: ``model_spec`` (a directory, hub id or
-    ``tiny``) or, by default, the model recorded in the manifest; it must match the index."""
+    ``tiny``) or, by default, the model recorded in the manifest; it must match the index.
+    ``device`` defaults to CUDA when available."""
     from rematch.model import ReMatchModel
 
+    return Index.load(path, model=ReMatchModel.load(index_model_spec(path, model_spec), device), verify=verify)
+
+
+def index_model_spec(path: str | os.PathLike, model_spec: str | None = None) -> str:
+    """The model to encode queries for the index at ``path``: ``model_spec``, else the manifest's."""
     spec = model_spec or read_manifest(Path(path)).get("model_source")
     if not spec:
         raise IndexFormatError(f"{path}: the manifest records no model source; pass the model explicitly")
-    return Index.load(path, model=ReMatchModel.load(spec, device), verify=verify)
+    return spec
 
 
 # ---------------------------------------------------------------------------- pieces shared by both builds
