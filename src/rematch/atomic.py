@@ -51,13 +51,38 @@ def write_npz_atomically(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return write_atomically(path, lambda handle: np.savez(handle, **arrays))
 
 
-def write_directory_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp_dir)`` then move the finished directory to ``target`` in one rename.
+class ReplaceRefusedError(FileExistsError):
+    """The target path holds something that is not ours to replace (the user's files)."""
 
-    An existing ``target`` is moved aside first and deleted only after the new one is in
-    place, so at every instant either the old or the new complete directory exists.
+
+def check_replaceable(target: Path, is_ours: Callable[[Path], bool], what: str, overwrite: bool = False) -> None:
+    """Refuse to replace ``target`` unless it is absent, an empty directory, ``what`` we wrote
+    before (``is_ours``), or the caller says ``overwrite``.
+
+    Replacing a directory deletes everything in it: pointing ``--out`` at a folder of one's
+    own files by mistake must cost an error message, not the files.
     """
     target = Path(target)
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return
+    hint = "choose a new or empty directory, or pass --overwrite (overwrite=True) to replace it"
+    if not target.is_dir():
+        raise ReplaceRefusedError(f"{target} exists and is a file, not {what}; refusing to replace it: {hint}")
+    if any(target.iterdir()) and not is_ours(target):
+        raise ReplaceRefusedError(f"{target} is not empty and does not hold {what}; refusing to replace (and so "
+                                  f"delete) it: {hint}")
+
+
+def write_directory_atomically(target: Path, write: Callable[[Path], None], *, is_ours: Callable[[Path], bool],
+                               what: str, overwrite: bool = False) -> None:
+    """Run ``write(tmp_dir)`` then move the finished directory to ``target`` in one rename.
+
+    An existing ``target`` is replaced only as :func:`check_replaceable` allows; it is moved
+    aside first and deleted only after the new one is in place, so at every instant either
+    the old or the new complete directory exists.
+    """
+    target = Path(target)
+    check_replaceable(target, is_ours, what, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = target.parent / f".{target.name}.tmp-{tag}"

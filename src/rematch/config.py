@@ -10,6 +10,7 @@ field types so a typo or a wrong type fails loudly instead of being ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -214,6 +215,30 @@ class Config:
             raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
         if self.train.batch_size < 2 and self.loss.contrastive:
             raise ConfigError("train.batch_size must be >= 2 for a contrastive loss")
+        train = self.train
+        if not (math.isfinite(train.lr) and train.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {train.lr}")
+        if train.head_lr is not None and not (math.isfinite(train.head_lr) and train.head_lr > 0):
+            raise ConfigError(f"train.head_lr must be a finite number > 0 (or null), got {train.head_lr}")
+        if not 0 <= train.warmup_ratio <= 1:
+            raise ConfigError(f"train.warmup_ratio must be within [0, 1], got {train.warmup_ratio}")
+        if not (math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0):
+            raise ConfigError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {train.max_grad_norm}")
+        if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay must be >= 0, got {train.weight_decay}")
+        if train.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {train.log_every}")
+        if train.save_every < 0 or train.keep_last < 0:
+            raise ConfigError(f"train.save_every (0 = only at the end) and train.keep_last (0 = keep all) must be "
+                              f">= 0, got {train.save_every} and {train.keep_last}")
+        if self.loss.matching_samples < 0:
+            raise ConfigError(f"loss.matching_samples must be >= 0 (0 = the whole batch), got "
+                              f"{self.loss.matching_samples}")
+        if self.data.num_workers < 0 or self.data.builtin_train_rows < 1:
+            raise ConfigError("data.num_workers must be >= 0 and data.builtin_train_rows >= 1")
+        if any(cap < 0 for cap in self.data.caps.values()) or any(
+                not (math.isfinite(w) and w >= 0) for w in self.data.weights.values()):
+            raise ConfigError("data.caps must be >= 0 and data.weights finite and >= 0")
         if self.train.grad_cache_chunk < 0:
             raise ConfigError(f"train.grad_cache_chunk must be >= 0, got {self.train.grad_cache_chunk}")
         if self.train.grad_cache_chunk and self.train.mixed_precision == "fp16":
@@ -221,10 +246,10 @@ class Config:
                               "scaling across its several backward passes is not supported")
         if self.train.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.train.mixed_precision!r}")
-        if self.loss.temperature <= 0:
+        if not (math.isfinite(self.loss.temperature) and self.loss.temperature > 0):
             raise ConfigError(f"loss.temperature must be > 0, got {self.loss.temperature}")
         for name in ("contrastive", "orthogonality", "matching"):
-            if getattr(self.loss, name) < 0:
+            if not (math.isfinite(getattr(self.loss, name)) and getattr(self.loss, name) >= 0):
                 raise ConfigError(f"loss.{name} must be >= 0")
 
 

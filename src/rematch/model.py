@@ -136,11 +136,15 @@ class ReMatchModel(nn.Module):
             return cls.tiny(size=size, backbone=family, device=resolve_device(device))
         return cls.from_pretrained(spec, device=device)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write backbone (or PEFT adapter), processor, learnable tokens, projector and config, atomically."""
+    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write backbone (or PEFT adapter), processor, learnable tokens, projector and config, atomically.
+
+        ``path`` must be new, empty or a saved ReMatch model (which is replaced); anything else
+        is refused unless ``overwrite=True``, so a wrong path never deletes a user's files.
+        """
         from rematch.serialization import save_rematch_model
 
-        save_rematch_model(self, Path(path))
+        save_rematch_model(self, Path(path), overwrite=overwrite)
 
     # ------------------------------------------------------------------ properties
 
@@ -209,13 +213,16 @@ class ReMatchModel(nn.Module):
 
     @torch.inference_mode()
     def encode(self, items: Iterable[ItemLike], role: str = "query", batch_size: int = 16,
-               show_progress: bool = False, normalize: bool = True) -> np.ndarray:
+               show_progress: bool = False, normalize: bool = True, where: str = "item") -> np.ndarray:
         """Embed items -> float32 array (n, H), rows L2-normalised unless ``normalize=False``.
 
         Items are sorted by length internally so batches carry little padding; rows come
-        back in input order.
+        back in input order. Errors name ``where`` and the item's position (e.g.
+        ``where="corpus.jsonl row"`` gives "corpus.jsonl row 4312: ...").
         """
-        items = self._for_role(as_items(list(items)), role)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        items = self._for_role(as_items(list(items), where), role)
         output = np.zeros((len(items), self.hidden_size), dtype=np.float32)
         if not items:
             return output
@@ -225,11 +232,15 @@ class ReMatchModel(nn.Module):
         try:
             batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
             for indices in tqdm(batches, disable=not show_progress, desc=f"encode {role}s", unit="batch"):
-                batch = self.adapter.prepare([items[i] for i in indices], self.num_tokens, indices=indices)
+                batch = self.adapter.prepare([items[i] for i in indices], self.num_tokens, where=where,
+                                             indices=indices)
                 result = self.embed(batch, role)
                 vectors = result.embedding if normalize else result.fused.float()
                 if not torch.isfinite(vectors).all():
                     raise FloatingPointError(f"non-finite embedding for item(s) {indices}")
+                norms = vectors.norm(dim=-1)
+                if normalize and not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+                    raise FloatingPointError(f"embedding of item(s) {indices} is not unit length (a zero vector?)")
                 output[indices] = vectors.cpu().numpy()
         finally:
             self.train(was_training)
@@ -282,6 +293,7 @@ class ReMatchModel(nn.Module):
     def merge_lora(self) -> "ReMatchModel":
         """Fold the LoRA/DoRA adapters into the backbone weights (a standalone model, no PEFT needed)."""
         if not hasattr(self.backbone, "peft_config"):
-            raise RuntimeError("this model has no LoRA adapters to merge")
+            raise ValueError("this model has no LoRA adapters to merge (it was trained without LoRA, or "
+                             "they were merged already)")
         self.backbone = self.backbone.merge_and_unload()
         return self

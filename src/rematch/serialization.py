@@ -69,7 +69,7 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 # ---------------------------------------------------------------------------- save
 
 
-def save_rematch_model(model, path: Path) -> None:
+def save_rematch_model(model, path: Path, overwrite: bool = False) -> None:
     backbone = model.backbone
     is_peft = hasattr(backbone, "peft_config")
     meta: dict[str, Any] = {
@@ -96,7 +96,8 @@ def save_rematch_model(model, path: Path) -> None:
         save_file(heads, str(directory / HEADS_NAME), metadata={"format": "pt"})
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-    write_directory_atomically(path, write)
+    write_directory_atomically(path, write, is_ours=lambda target: (target / CONFIG_NAME).is_file(),
+                               what="a saved ReMatch model", overwrite=overwrite)
 
 
 def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -146,6 +147,7 @@ def load_rematch_model(cls, spec: str | os.PathLike, expected: Mapping[str, Any]
             f"{spec} is a saved ReMatch model with its own heads; new_heads=True would throw them away. "
             "Load it without new_heads, or use ReMatchModel.from_backbone() on a bare backbone")
 
+    _check_required_files(path, meta)
     config = from_dict(ModelConfig, meta["model"], where=str(path / CONFIG_NAME))
     _check_expectations(path, config, meta, expected)
     config = dataclasses.replace(config, **{k: v for k, v in expected.items()
@@ -166,6 +168,23 @@ def load_rematch_model(cls, spec: str | os.PathLike, expected: Mapping[str, Any]
     _load_heads(model, path)
     model.heads_source = os.fspath(spec) + (f"@{revision}" if revision else "")
     return model
+
+
+def _check_required_files(path: Path, meta: Mapping[str, Any]) -> None:
+    """Every file loading will read, checked before any of it is read.
+
+    Without ``config.json`` transformers would build its *default* configuration (an
+    80-layer model: tens of GB) before failing; a missing tokenizer or heads file would
+    fail late with a message about something else.
+    """
+    required = [HEADS_NAME, "preprocessor_config.json"]
+    required += ["adapter_config.json"] if meta.get("peft") else ["config.json"]
+    missing = [name for name in required if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        missing.append("tokenizer.json")
+    if missing:
+        raise CheckpointMismatchError(f"{path}: incomplete ReMatch model directory, missing {', '.join(missing)}; "
+                                      "copy the whole directory that save_pretrained wrote")
 
 
 def _not_a_rematch_model(spec: str | os.PathLike, path: Path) -> str:

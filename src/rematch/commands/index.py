@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rematch.commands.common import non_negative_int, positive_int
 from rematch.commands.evaluate import user_errors
 from rematch.commands.loading import add_model_loading_flags
 
@@ -63,11 +64,11 @@ def register(sub) -> None:
     build.add_argument("--out", required=True, help="index directory to write")
     build.add_argument("--index-type", default="flat", choices=["flat", "ivf", "hnsw"],
                        help="flat = exact inner product (default); ivf / hnsw = approximate, for large corpora")
-    build.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4*sqrt(n))")
-    build.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
-    build.add_argument("--shard-size", type=int, default=4096,
+    build.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default ~4*sqrt(n))")
+    build.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW links per node")
+    build.add_argument("--shard-size", type=positive_int, default=4096,
                        help="items per shard; an interrupted build resumes from the last finished shard")
-    build.add_argument("--batch-size", type=int, default=16)
+    build.add_argument("--batch-size", type=positive_int, default=16)
     build.add_argument("--image-root", default=None, help="base of relative image paths (default: the jsonl's "
                                                           "directory)")
     build.add_argument("--instruction", default=None, help="instruction for items that have none")
@@ -84,11 +85,11 @@ def register(sub) -> None:
     search.add_argument("--text", default=None)
     search.add_argument("--image", default=None, help="path of a query image")
     search.add_argument("--instruction", default=None, help="task instruction for the query")
-    search.add_argument("-k", type=int, default=10)
-    search.add_argument("--rerank", type=int, default=0, metavar="N",
+    search.add_argument("-k", type=positive_int, default=10)
+    search.add_argument("--rerank", type=non_negative_int, default=0, metavar="N",
                         help="rerank the top N with the matching head (p(Yes) of the generative branch)")
-    search.add_argument("--nprobe", type=int, default=None, help="IVF lists to search")
-    search.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth")
+    search.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists to search")
+    search.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search breadth")
     search.add_argument("--json", action="store_true", help="print hits as JSON")
     add_model_loading_flags(search)
     search.set_defaults(func=cmd_search)

@@ -6,16 +6,19 @@ import argparse
 import json
 from pathlib import Path
 
-from rematch.commands.common import read_jsonl
+from rematch.commands.common import non_negative_int, positive_int, read_jsonl
 from rematch.commands.evaluate import user_errors
 from rematch.commands.loading import add_model_loading_flags
+
+OVERWRITE_HELP = ("replace whatever is at the output path (by default only a new or empty directory or a saved "
+                  "ReMatch model is replaced)")
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
     from rematch import ReMatchModel
 
     model = ReMatchModel.tiny(size=args.size, backbone=args.backbone, k=args.k, seed=args.seed)
-    model.save_pretrained(args.out)
+    model.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"saved an untrained {args.backbone}/{args.size} ReMatch model (K={args.k}) to {args.out}")
     return 0
 
@@ -27,9 +30,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from rematch.commands.loading import load_model
     from rematch.data.items import as_items
 
-    items = as_items(read_jsonl(args.input), where=f"{args.input} row")
+    where = f"{args.input} row"
+    items = as_items(read_jsonl(args.input), where=where)
     model = load_model(args.model, args.device, allow_untrained=args.allow_untrained)
-    vectors = model.encode(items, role=args.role, batch_size=args.batch_size, show_progress=True)
+    vectors = model.encode(items, role=args.role, batch_size=args.batch_size, show_progress=True, where=where)
     np.save(args.out, vectors)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {args.out}")
     return 0
@@ -55,7 +59,7 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
 
     # a one-off rewrite of the weights: the CPU holds whatever fits in RAM, a GPU might not
     model = ReMatchModel.from_pretrained(args.input, device="cpu")
-    model.merge_lora().save_pretrained(args.output)
+    model.merge_lora().save_pretrained(args.output, overwrite=args.overwrite)
     print(f"merged the LoRA adapters of {args.input} into a standalone model at {args.output}")
     return 0
 
@@ -65,8 +69,9 @@ def register(sub) -> None:
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
     tiny.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
-    tiny.add_argument("--k", type=int, default=16)
+    tiny.add_argument("--k", type=non_negative_int, default=16)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     tiny.set_defaults(func=cmd_tiny)
 
     encode = sub.add_parser("encode", help="embed the items of a jsonl file into a .npy array")
@@ -74,13 +79,14 @@ def register(sub) -> None:
     encode.add_argument("--input", required=True, help="jsonl with text / image / instruction fields")
     encode.add_argument("--role", default="query", choices=["query", "document"])
     encode.add_argument("--out", required=True, help="output .npy path")
-    encode.add_argument("--batch-size", type=int, default=16)
+    encode.add_argument("--batch-size", type=positive_int, default=16)
     add_model_loading_flags(encode)
     encode.set_defaults(func=cmd_encode)
 
     merge = sub.add_parser("merge-lora", help="fold a trained model's LoRA adapters into its backbone")
     merge.add_argument("input", help="a saved ReMatch model with LoRA adapters (directory or hub id)")
     merge.add_argument("output", help="where to write the standalone model")
+    merge.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     merge.set_defaults(func=cmd_merge_lora)
 
     info = sub.add_parser("info", help="print a saved model's rematch_config.json")

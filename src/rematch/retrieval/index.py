@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -137,10 +138,13 @@ class Index:
         return cls(faiss_index, records, manifest, model=model)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None, verify: bool = False) -> "Index":
+    def load(cls, path: str | os.PathLike, model=None, verify: bool = True) -> "Index":
         """Open an index directory; with ``model``, check it is the model the index was built with.
 
-        ``verify=True`` also re-hashes the files against the manifest (reads them fully).
+        The files are re-hashed against the manifest's content hash (one full read): damage
+        that keeps a file's size, a flipped byte in ``index.faiss`` or an edited id in
+        ``items.jsonl``, would otherwise return wrong results silently. ``verify=False``
+        skips that for indexes too large to read twice.
         """
         import faiss
 
@@ -197,7 +201,7 @@ class Index:
             (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             self.manifest = manifest
 
-        write_directory_atomically(path, write)
+        write_directory_atomically(path, write, is_ours=lambda _: True, what="an index")  # checked above
 
     # ---------------------------------------------------------------- properties
 
@@ -285,7 +289,7 @@ class Index:
 
 
 def open_index(path: str | os.PathLike, model_spec: str | None = None, device: str | None = None,
-               verify: bool = False) -> Index:
+               verify: bool = True) -> Index:
     """Load an index with a model ready to search it: ``model_spec`` (a directory, hub id or
     ``tiny``) or, by default, the model recorded in the manifest; it must match the index.
     ``device`` defaults to CUDA when available."""
@@ -432,8 +436,8 @@ def _load_finished_shard(file: Path, fingerprint: str, expected_hash: str, count
             if str(data["fingerprint"]) != fingerprint or str(data["content_hash"]) != expected_hash:
                 return None
             vectors = data["vectors"]
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable: encode it again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # unreadable (e.g. truncated by a full disk or a kill): encode it again
     if vectors.shape[0] != count or not np.isfinite(vectors).all():
         return None
     return vectors

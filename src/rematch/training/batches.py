@@ -91,7 +91,8 @@ def resolve_train_source(config: Config, run_dir: Path, log=print) -> tuple[str,
             write_shapes_dataset(directory, train_rows=data.builtin_train_rows, eval_queries=0, seed=data.builtin_seed)
             (directory / marker.name).write_text(json.dumps(wanted) + "\n", encoding="utf-8")
 
-        write_directory_atomically(root, write)
+        write_directory_atomically(root, write, what="the built-in shapes world",
+                                   is_ours=lambda path: (path / "manifest.json").is_file())
     return str(root), data.image_root
 
 

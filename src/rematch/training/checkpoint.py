@@ -102,7 +102,8 @@ def save_checkpoint(root: Path, step: int, module: torch.nn.Module, optimizer, s
         files = {path.name: path.stat().st_size for path in sorted(directory.iterdir())}
         (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2), encoding="utf-8")
 
-    write_directory_atomically(target, write)
+    # step-N under checkpoints/ is ours by construction (a re-save of the same step replaces it)
+    write_directory_atomically(target, write, is_ours=lambda _: True, what="a checkpoint")
     prune_checkpoints(root, keep_last)
     return target
 
