@@ -230,3 +230,21 @@ def test_learnable_tokens_start_from_learned_vocabulary_rows_only():
         ids = [int((table - row).abs().sum(dim=1).argmin()) for row in tokens.detach()]
         assert all(torch.equal(table[i], row) for i, row in zip(ids, tokens.detach()))
         assert len(set(ids)) == 64 and not set(ids) & bad
+
+
+def test_the_fingerprint_sees_a_change_in_a_single_weight_and_is_cached_until_one():
+    model = ReMatchModel.tiny(k=2, seed=4)
+    first = model.fingerprint()
+    assert model.fingerprint() == first
+    table = model.adapter.core(model.backbone).get_input_embeddings().weight
+    original = table[17, 3].item()
+    with torch.no_grad():
+        table[17, 3] += 1e-3  # one value of one embedding row: a strided sample missed such edits
+    changed = model.fingerprint()
+    assert changed != first
+    with torch.no_grad():
+        table[17, 3] = original
+    assert model.fingerprint() == first  # the same bytes again
+    with torch.no_grad():
+        model.query_tokens.copy_(model.query_tokens.flip(0))
+    assert model.fingerprint() not in (first, changed)

@@ -276,17 +276,24 @@ class ReMatchModel(nn.Module):
         self.backbone = get_peft_model(self.backbone, lora)
 
     def fingerprint(self) -> str:
-        """A short identity of this model's configuration and current weights.
+        """A short identity of this model's configuration and current weights (every byte).
 
         Indexes and embedding caches store it, so vectors from one model are never mixed
-        with (or searched by) another. Cheap: it hashes a strided sample of every tensor.
+        with (or searched by) another. The hash is cached until a weight changes: every
+        in-place update bumps a tensor's version counter, and a replaced tensor has another
+        address, so the cache key (name, address, version) of each tensor sees both.
         """
         import dataclasses
         import hashlib
 
         from rematch.serialization import weights_fingerprint
 
-        weights = weights_fingerprint(self.state_dict())
+        state = self.state_dict(keep_vars=True)
+        key = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state.items())
+        cached = getattr(self, "_fingerprint_cache", None)
+        if cached is None or cached[0] != key:
+            self._fingerprint_cache = (key, weights_fingerprint(state))
+        weights = self._fingerprint_cache[1]
         config = repr(sorted(dataclasses.asdict(self.config).items()))
         return hashlib.sha256(f"{config}|{weights}".encode()).hexdigest()[:24]
 

@@ -51,12 +51,33 @@ class NotAReMatchModelError(CheckpointMismatchError):
 # ---------------------------------------------------------------------------- fingerprints
 
 
-def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """A cheap identity of a module's weights: names, shapes and a strided sample of values.
+#: How ``base_fingerprint`` in rematch_config.json was computed: "full" hashes every byte;
+#: models saved before it existed carry a strided-sample fingerprint ("sampled").
+FINGERPRINT_METHOD = "full"
 
-    Used to refuse loading a LoRA adapter onto a base model other than the one it was
-    trained on (a silent source of garbage embeddings otherwise).
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor], method: str = FINGERPRINT_METHOD) -> str:
+    """The identity of a module's weights: names, dtypes, shapes and every byte of every tensor.
+
+    Indexes, embedding caches and LoRA adapters are tied to the exact weights they were made
+    with; a sample of each tensor missed a change in a few embedding rows, so a stale index
+    or cached vectors were served as if they came from the new model. BLAKE2b runs at about a
+    GB/s, so even a 7B model costs seconds, and :meth:`ReMatchModel.fingerprint` caches it.
+    ``method="sampled"`` reproduces the older fingerprint (a strided sample) of models saved
+    before, only to check their LoRA base.
     """
+    if method == "sampled":
+        return _sampled_fingerprint(state_dict)
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(state_dict.items()):
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}:".encode())
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _sampled_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(state_dict.items()):
         flat = tensor.detach().reshape(-1)
@@ -83,6 +104,7 @@ def save_rematch_model(model, path: Path, overwrite: bool = False) -> None:
     }
     if is_peft:
         meta["base_fingerprint"] = weights_fingerprint(base_state_dict(backbone.get_base_model()))
+        meta["fingerprint_method"] = FINGERPRINT_METHOD
     heads = {
         "query_tokens": model.query_tokens.detach().float().cpu().contiguous(),
         "document_tokens": model.document_tokens.detach().float().cpu().contiguous(),
@@ -255,7 +277,7 @@ def _load_peft_backbone(path: Path, config: ModelConfig, meta: Mapping[str, Any]
             raise ModelNotFoundError(f"{path}: the base model of its LoRA adapter, {base_reference!r}, is not "
                                      f"available: {error}") from error
         base, processor = load_pretrained_backbone(base_dir, config)
-    fingerprint = weights_fingerprint(base.state_dict())
+    fingerprint = weights_fingerprint(base.state_dict(), meta.get("fingerprint_method", "sampled"))
     if meta.get("base_fingerprint") and fingerprint != meta["base_fingerprint"]:
         raise CheckpointMismatchError(
             f"{path}: the LoRA adapter was trained on a different base model than {config.backbone!r} "
