@@ -30,7 +30,7 @@ WORKER = textwrap.dedent('''
 
     class Counting:
         def __init__(self, model):
-            self.model, self.items = model, 0
+            self.model, self.items, self.config = model, 0, model.config
         def encode(self, items, **kw):
             items = list(items)
             self.items += len(items)

@@ -1,4 +1,4 @@
-"""Ranking metrics against hand-computed values, including the pessimistic tie rule."""
+"""Ranking metrics against hand-computed values, under both tie rules (pessimistic and list order)."""
 
 from __future__ import annotations
 
@@ -111,3 +111,38 @@ def test_non_finite_scores_and_unjudged_queries_are_errors():
         ranks_of_relevant(np.array([[INF, 0.2]]), np.array([[1]]))
     with pytest.raises(ValueError, match=r"queries \[1\] have no relevant"):
         relevant_ranks([[0.1, 0.2], [0.3, 0.4]], [[1, 0], [0, 0]])
+
+
+def test_list_order_ties_credit_the_earlier_candidate():
+    # the official MMEB rule: among equal scores the lower index ranks first, whatever the grades
+    assert relevant_ranks([[0.5, 0.5, 0.1]], [[1, 0, 0]], ties="list_order").ranks.tolist() == [[1]]
+    assert relevant_ranks([[0.5, 0.5, 0.1]], [[0, 1, 0]], ties="list_order").ranks.tolist() == [[2]]
+    # which is why the strict rule is reported beside it: a collapsed model scores 100% hit@1 here
+    collapsed = ranks_of_relevant(np.full((1, 4), 0.3), np.zeros((1, 1), dtype=np.int64), ties="list_order")
+    assert hit_at_k(collapsed, 1).tolist() == [1.0] and reciprocal_rank(collapsed).tolist() == [1.0]
+    # a strictly higher candidate still beats the answer under either rule
+    beaten = ranks_of_relevant(np.array([[0.3, 0.3, 0.4]]), np.zeros((1, 1), dtype=np.int64), ties="list_order")
+    assert beaten.ranks.tolist() == [[2]]
+
+
+def test_list_order_is_numpy_argmax_and_a_stable_sort():
+    """hit@1 under list_order is exactly `argmax == 0`; ranks are positions in a stable descending sort."""
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 3, size=(200, 7)).astype(float)  # many ties, often with candidate 0
+    scores[:20, 3:] = -INF  # ragged lists
+    answer = np.zeros((200, 1), dtype=np.int64)
+    official = ranks_of_relevant(scores, answer, ties="list_order")
+    strict = ranks_of_relevant(scores, answer)
+    np.testing.assert_array_equal(hit_at_k(official, 1), (np.argmax(scores, axis=1) == 0).astype(float))
+    stable_position = np.array([int(np.flatnonzero(np.argsort(-row, kind="stable") == 0)[0]) + 1 for row in scores])
+    np.testing.assert_array_equal(official.ranks[:, 0], stable_position)
+    # the two rules differ exactly on the rows where another candidate ties with the answer at the top
+    tied_at_top = np.array([row[0] == row.max() and (row[1:] == row[0]).any() for row in scores])
+    differ = (official.ranks[:, 0] == 1) & (strict.ranks[:, 0] > 1)
+    np.testing.assert_array_equal(differ, tied_at_top)
+    assert tied_at_top.sum() > 20  # the check is not vacuous
+
+
+def test_unknown_tie_rule_is_an_error():
+    with pytest.raises(ValueError, match="ties must be one of"):
+        relevant_ranks([[0.1, 0.2]], [[1, 0]], ties="optimistic")

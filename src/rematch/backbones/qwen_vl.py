@@ -181,7 +181,8 @@ class QwenVLAdapter(BackboneAdapter):
             if length > self.config.max_sequence_tokens:
                 raise ItemError(f"{where} {indices[row]}: {int(length)} tokens (instruction, text and image), over "
                                 f"model.max_sequence_tokens={self.config.max_sequence_tokens}; shorten the text, "
-                                "lower model.max_pixels or raise the limit")
+                                "lower the image size limit (model.max_pixels; --max-pixels in eval mmeb) or "
+                                "raise model.max_sequence_tokens")
         token_types = encoded["mm_token_type_ids"]
         grids = encoded.get("image_grid_thw")
         if num_slots and not bool((input_ids[:, -num_slots:] == self.slot_token_id).all()):

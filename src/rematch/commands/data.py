@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rematch.commands.common import non_negative_int, positive_int
+
 
 def cmd_check(args: argparse.Namespace) -> int:
     from rematch.data.check import check_dataset, format_check
@@ -43,15 +45,15 @@ def register(sub) -> None:
                        help="only check that image files exist, do not decode them (faster)")
     check.add_argument("--strip-orphan-placeholders", action="store_true",
                        help="treat <|image_1|> without an image as a repair (counted), not an error")
-    check.add_argument("--examples", type=int, default=3, help="offending rows to show per problem")
+    check.add_argument("--examples", type=non_negative_int, default=3, help="offending rows to show per problem")
     check.set_defaults(func=cmd_check)
 
     synth = commands.add_parser("synth", help="write the shapes world in MMEB-train / MMEB-eval layout")
     synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--train-rows", type=int, default=10_000)
-    synth.add_argument("--eval-queries", type=int, default=200, help="evaluation queries per subset")
+    synth.add_argument("--train-rows", type=non_negative_int, default=10_000)
+    synth.add_argument("--eval-queries", type=non_negative_int, default=200, help="evaluation queries per subset")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--candidates", type=int, default=100, help="candidates per evaluation query")
+    synth.add_argument("--candidates", type=positive_int, default=100, help="candidates per evaluation query")
     synth.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
-    synth.add_argument("--image-size", type=int, default=112, help="side of the square images in pixels")
+    synth.add_argument("--image-size", type=positive_int, default=112, help="side of the square images in pixels")
     synth.set_defaults(func=cmd_synth)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rematch.commands.common import positive_int
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from rematch.demo import DemoSettings, run_demo
@@ -23,7 +25,7 @@ def register(sub) -> None:
     demo = sub.add_parser("demo", help="train + ablate + evaluate a tiny ReMatch model on the built-in world")
     demo.add_argument("--out", default="runs/demo", help="output directory (report.md, runs/, data/)")
     demo.add_argument("--quick", action="store_true", help="a ~2 minute smoke run with tiny sizes")
-    demo.add_argument("--seeds", type=int, default=1, help="seeds per ablation row (mean and spread)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per row (default 300; quick 12)")
+    demo.add_argument("--seeds", type=positive_int, default=1, help="seeds per ablation row (mean and spread)")
+    demo.add_argument("--steps", type=positive_int, default=None, help="training steps per row (default 300; quick 12)")
     demo.add_argument("--rows", nargs="+", default=None, help="only these ablation rows (default: all five)")
     demo.set_defaults(func=cmd_demo)

@@ -9,12 +9,15 @@ import argparse
 import functools
 import json
 
+from rematch.commands.common import non_negative_int, positive_int
+
 
 def user_errors(handler):
     """Turn errors about the user's input (bad rows, missing files, wrong model...) into a one-line exit."""
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
+        from rematch.commands.loading import UntrainedModelError
         from rematch.data.items import ItemError
         from rematch.data.validation import DataError
         from rematch.evaluation.mmeb import EvalDataError
@@ -25,7 +28,8 @@ def user_errors(handler):
         try:
             return handler(args)
         except (NotImplementedError, FileNotFoundError, FileExistsError, ItemError, DataError, EvalDataError,
-                CorpusError, IndexFormatError, ModelMismatchError, CheckpointMismatchError) as error:
+                CorpusError, IndexFormatError, ModelMismatchError, CheckpointMismatchError,
+                UntrainedModelError) as error:
             raise SystemExit(f"rematch: error: {error}") from error
 
     return run
@@ -38,9 +42,9 @@ def _cache_dir(args: argparse.Namespace):
 
 
 def _model(args: argparse.Namespace, device: str | None):
-    from rematch import ReMatchModel
+    from rematch.commands.loading import load_model
 
-    return ReMatchModel.load(args.model, device or args.device)
+    return load_model(args.model, device or args.device, allow_untrained=args.allow_untrained)
 
 
 @user_errors
@@ -57,15 +61,29 @@ def cmd_mmeb(args: argparse.Namespace) -> int:
         return 0
     if args.model is None or args.data is None:
         raise SystemExit("rematch eval mmeb: --model and --data go together")
+    if args.input_limits == "official":
+        _input_limits(args, None)  # bad values fail before the model is loaded
     with torchrun_session() as device:
+        model = _model(args, device)
         summary = evaluate_mmeb_source(
-            _model(args, device), args.data, args.out, subsets=args.subsets, split=args.split,
+            model, args.data, args.out, subsets=args.subsets, split=args.split,
             image_root=args.image_root, skip_bad=args.skip_bad, batch_size=args.batch_size,
-            strip_orphan_placeholders=args.strip_orphan_placeholders,
+            strip_orphan_placeholders=args.strip_orphan_placeholders, limits=_input_limits(args, model),
             cache_dir=_cache_dir(args), plot=not args.no_plot, rerank=args.rerank, show_progress=args.progress)
         if args.compare and is_main_process():
             print(compare_summaries(load_summary(args.compare), summary, names=(args.compare, args.out)))
     return 0
+
+
+def _input_limits(args: argparse.Namespace, model):
+    """The input limits of ``eval mmeb``: the --input-limits preset with --min/--max-pixels, --max-text-tokens."""
+    from rematch.evaluation.settings import InputLimitsError, resolve_limits
+
+    try:
+        return resolve_limits(args.input_limits, model, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                              max_text_tokens=args.max_text_tokens)
+    except InputLimitsError as error:
+        raise SystemExit(f"rematch eval mmeb: {error}") from error
 
 
 @user_errors
@@ -88,13 +106,17 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def _common(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
+    from rematch.commands.loading import ALLOW_UNTRAINED_HELP
+
     parser.add_argument("--model", required=model_required, help="model directory, hub id, or tiny[:size[:family]]")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default=None, help="e.g. cuda:0 (torchrun picks cuda:LOCAL_RANK itself)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--device", default=None, help="e.g. cuda:1 or cpu (default: cuda when available, else "
+                                                       "cpu; torchrun picks cuda:LOCAL_RANK itself)")
+    parser.add_argument("--allow-untrained", action="store_true", help=ALLOW_UNTRAINED_HELP)
     parser.add_argument("--cache-dir", default=None,
                         help="embedding cache directory (default $REMATCH_CACHE_DIR or ~/.cache/rematch/embeddings)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    parser.add_argument("--rerank", type=int, default=0, metavar="N",
+    parser.add_argument("--rerank", type=non_negative_int, default=0, metavar="N",
                         help="rerank the top N with the matching head (p(Yes) of the generative branch)")
     parser.add_argument("--progress", action="store_true", help="show encoding progress bars")
 
@@ -115,6 +137,15 @@ def register(sub) -> None:
     mmeb.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable rows instead of stopping")
     mmeb.add_argument("--strip-orphan-placeholders", action="store_true",
                       help="drop (and count) an image placeholder in a row without an image (MMEB's WebQA quirk)")
+    mmeb.add_argument("--input-limits", choices=("official", "model"), default="official",
+                      help="image/text limits to encode with: 'official' = the MMEB-V1 Qwen2-VL evaluation (images "
+                           "3136-1003520 pixels, no text truncation; the default), 'model' = the model's own "
+                           "training limits; the flags below override single values")
+    mmeb.add_argument("--min-pixels", type=positive_int, default=None, help="smallest image area in pixels")
+    mmeb.add_argument("--max-pixels", type=positive_int, default=None,
+                      help="largest image area in pixels (official: 1003520 = 28*28*1280)")
+    mmeb.add_argument("--max-text-tokens", type=non_negative_int, default=None,
+                      help="truncate texts to this many tokens (0 = never; official: 0)")
     mmeb.add_argument("--out", required=True, help="output directory (<Subset>.json, summary.json/.md/.png)")
     mmeb.add_argument("--no-plot", action="store_true")
     mmeb.add_argument("--compare", default=None, metavar="OTHER_OUT",
@@ -130,7 +161,7 @@ def register(sub) -> None:
                                                               "file's directory)")
     retrieval.add_argument("--query-instruction", default=None, help="instruction for queries that have none")
     retrieval.add_argument("--document-instruction", default=None, help="instruction for documents that have none")
-    retrieval.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10, 100], help="cut-offs for recall@k")
+    retrieval.add_argument("--ks", type=positive_int, nargs="+", default=[1, 5, 10, 100], help="cut-offs for recall@k")
     retrieval.add_argument("--out", default=None, help="directory for retrieval.json")
     retrieval.add_argument("--json", action="store_true", help="print the result as JSON only")
     retrieval.set_defaults(func=cmd_retrieval)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from rematch.commands.common import positive_int
+
 STABLE_FLAGS = {"out": "train.out", "steps": "train.steps", "seed": "train.seed", "data": "data.source"}
 
 
@@ -55,7 +57,7 @@ def register(sub) -> None:
                                        "--model.num_tokens 8 --loss.matching 0.2 --lora.enabled false")
     train.add_argument("--config", default=None, help="YAML recipe (see configs/)")
     train.add_argument("--out", default=None, help="run directory (train.out)")
-    train.add_argument("--steps", type=int, default=None, help="optimisation steps (train.steps)")
+    train.add_argument("--steps", type=positive_int, default=None, help="optimisation steps (train.steps)")
     train.add_argument("--seed", type=int, default=None, help="random seed (train.seed)")
     train.add_argument("--data", default=None, help="MMEB root, HF dataset id, jsonl/csv, or builtin (data.source)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")

@@ -5,8 +5,12 @@ Design, and why:
 * One SQLite file per model, ``<cache_dir>/<model.fingerprint()>.sqlite3``: vectors of a
   different model (or of the same model after more training) can never be served,
   because the fingerprint covers the configuration and the weights.
-* Row key = sha256(role, ``Item.cache_key()``, image file stamp). The same item is
-  embedded differently as a query and as a document, so the role is part of the key.
+* Row key = sha256(role, ``Item.cache_key()``, image file stamp, input limits). The same
+  item is embedded differently as a query and as a document, so the role is part of the
+  key. The input limits (image pixel bounds and text-token limit the adapter builds
+  inputs with, :func:`rematch.evaluation.settings.encoding_settings`) are evaluation
+  settings that change the vector without changing the model's fingerprint, so they are
+  part of the key too: a vector computed at 448 x 448 is never served to a 1M-pixel run.
   For images given as a path the stamp is the file's size and modification time
   (nanoseconds): replacing an image file under the same name invalidates its vector. It
   costs one ``stat`` per unique item, which is negligible next to decoding the image.
@@ -31,9 +35,18 @@ from typing import Sequence
 import numpy as np
 
 from rematch.data.items import Item
+from rematch.evaluation.settings import encoding_settings
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS embeddings (key TEXT PRIMARY KEY, dim INTEGER NOT NULL, vector BLOB NOT NULL)"
 _LOOKUP_CHUNK = 500  # stays under SQLite's limit on bound parameters
+
+
+class EmbeddingCacheError(ValueError):
+    """The embedding cache holds, or was asked to store, something that is not a valid embedding."""
+
+
+def _is_unit(vector: np.ndarray) -> bool:
+    return bool(np.isfinite(vector).all()) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
 
 
 def default_cache_dir() -> Path:
@@ -56,9 +69,11 @@ def image_stamp(item: Item) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def embedding_key(item: Item, role: str) -> str:
-    """The cache row key of ``item`` embedded in ``role`` (see the module docstring)."""
+def embedding_key(item: Item, role: str, settings: str = "") -> str:
+    """The cache row key of ``item`` embedded in ``role`` under input ``settings`` (see the module docstring)."""
     text = f"{role}\x00{item.cache_key()}\x00{image_stamp(item)}"
+    if settings:
+        text += f"\x00{settings}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -94,8 +109,9 @@ class EmbeddingCache:
             rows = connection.execute(f"SELECT key, dim, vector FROM embeddings WHERE key IN ({marks})", chunk)
             for key, dim, blob in rows:
                 vector = np.frombuffer(blob, dtype=np.float32)
-                if vector.size != dim or not np.isfinite(vector).all():
-                    raise RuntimeError(f"embedding cache {self.path}: entry {key} is damaged; delete the file")
+                if vector.size != dim or not _is_unit(vector):
+                    raise EmbeddingCacheError(f"embedding cache {self.path}: entry {key} is damaged (not a finite "
+                                              "unit vector); delete the file")
                 found[key] = vector
         return found
 
@@ -104,6 +120,10 @@ class EmbeddingCache:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if len(keys) != len(vectors):
             raise ValueError(f"{len(keys)} keys but {len(vectors)} vectors")
+        bad = [key for key, vector in zip(keys, vectors) if not _is_unit(vector)]
+        if bad:  # a zero or NaN vector stored once would be served to every later run
+            raise EmbeddingCacheError(f"refusing to cache {len(bad)} vector(s) that are not finite unit vectors "
+                                      f"(first: {bad[0]})")
         rows = [(key, int(vector.size), vector.tobytes()) for key, vector in zip(keys, vectors)]
         connection = self._connect()
         with connection:
@@ -166,7 +186,8 @@ class CachedEncoder:
             return np.zeros((0, 0), dtype=np.float32)
         if self.cache is None:
             return self._encode(items, role)
-        keys = [embedding_key(item, role) for item in items]
+        settings = encoding_settings(self.model)  # read per call: limits may change between calls
+        keys = [embedding_key(item, role, settings) for item in items]
         found = self.cache.get_many(keys)
         missing = [index for index, key in enumerate(keys) if key not in found]
         self.stats.cached += len(items) - len(missing)

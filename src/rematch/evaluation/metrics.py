@@ -1,23 +1,34 @@
 """Ranking metrics on a score matrix and relevance labels: hit@k, recall@k, MRR, nDCG@k.
 
-Everything is computed from the *rank of each relevant candidate*, which is defined by
-one deterministic order (documented here because it decides what a tie means):
+Everything is computed from the *rank of each relevant candidate*. Ranking is by score,
+highest first; what decides a metric is how exact ties are ordered, so there are two
+documented tie rules (``ties=``):
 
-1. higher score first;
-2. among equal scores, the candidate with the LOWER relevance grade comes first
-   (non-relevant before relevant) — the pessimistic rule: a correct candidate that only
-   ties with a wrong one is never credited with the better position, so a model that
-   gives every candidate the same score (a collapsed embedding) scores 0 hit@1 instead
-   of 100;
-3. among equal scores and equal grades, the lower candidate index comes first.
+``"pessimistic"`` (the default)
+    1. higher score first;
+    2. among equal scores, the candidate with the LOWER relevance grade comes first
+       (non-relevant before relevant): a correct candidate that only ties with a wrong
+       one is never credited with the better position, so a model that gives every
+       candidate the same score (a collapsed embedding) scores 0 hit@1 instead of 100;
+    3. among equal scores and equal grades, the lower candidate index comes first.
+
+``"list_order"``
+    1. higher score first;
+    2. among equal scores, the lower candidate index comes first, whatever the grades.
+
+    This is the order of a stable sort by descending score, and the rule behind numpy's
+    ``argmax`` (it returns the first maximum). The official MMEB scripts score a query by
+    ``argmax`` over its own list with the answer at index 0, so under this rule a tie
+    with candidate 0 is a hit, exactly as there (see :mod:`rematch.evaluation.mmeb`).
 
 So, for relevant candidate ``j`` of a query with scores ``s`` and grades ``g``::
 
-    rank_j = 1 + #{i: s_i > s_j} + #{i != j: s_i == s_j and (g_i < g_j or (g_i == g_j and i < j))}
+    pessimistic: rank_j = 1 + #{i: s_i > s_j} + #{i != j: s_i == s_j and (g_i < g_j or (g_i == g_j and i < j))}
+    list_order:  rank_j = 1 + #{i: s_i > s_j} + #{i < j: s_i == s_j}
 
-(The official MMEB script takes ``argmax``, which credits a tie to candidate 0; with
-float scores the two only differ when a candidate list holds an exact duplicate of the
-correct item, which the MMEB report counts as ``positive_duplicates``.)
+With float scores the two only differ when a candidate scores exactly the same as a
+relevant one, which in practice means an exact duplicate of the correct item in the
+list (the MMEB report counts these as ``positive_duplicates``).
 
 Gains for nDCG are linear in the grade (as trec_eval and BEIR compute it); a grade of 0
 or below means "not relevant". Scores must be finite: a NaN or inf is an error, since
@@ -33,6 +44,9 @@ import numpy as np
 
 #: The comparison block (queries x relevant x candidates) is processed in chunks of this many elements.
 _BLOCK_ELEMENTS = 1 << 24
+
+#: The tie rules :func:`ranks_of_relevant` knows (see the module docstring).
+TIE_RULES = ("pessimistic", "list_order")
 
 
 @dataclass(frozen=True)
@@ -63,8 +77,8 @@ def check_finite(scores: np.ndarray, what: str = "scores") -> None:
 
 
 def ranks_of_relevant(scores: np.ndarray, relevant_index: np.ndarray, relevant_grade: np.ndarray | None = None,
-                      candidate_grades: np.ndarray | None = None) -> RelevantRanks:
-    """Ranks of given relevant candidates under the documented tie order.
+                      candidate_grades: np.ndarray | None = None, ties: str = "pessimistic") -> RelevantRanks:
+    """Ranks of given relevant candidates under the documented tie order ``ties`` (one of :data:`TIE_RULES`).
 
     scores: (n_q, n_c) finite, except that ``-inf`` may pad ragged candidate lists.
     relevant_index: (n_q, R) candidate indices, -1 for padding.
@@ -72,6 +86,8 @@ def ranks_of_relevant(scores: np.ndarray, relevant_index: np.ndarray, relevant_g
     candidate_grades: (n_q, n_c) grade of every candidate (default: taken from the
       relevant lists, 0 elsewhere). Only needed to order ties between graded candidates.
     """
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
     scores = np.asarray(scores)
     relevant_index = np.asarray(relevant_index, dtype=np.int64)
     if scores.ndim != 2 or relevant_index.ndim != 2 or relevant_index.shape[0] != scores.shape[0]:
@@ -108,13 +124,16 @@ def ranks_of_relevant(scores: np.ndarray, relevant_index: np.ndarray, relevant_g
         g_r = grade[start:stop, :, None]
         j = safe_index[start:stop, :, None]
         ahead = s > s_r
-        tied_before = (s == s_r) & ((g < g_r) | ((g == g_r) & (positions < j)))
+        if ties == "list_order":
+            tied_before = (s == s_r) & (positions < j)
+        else:
+            tied_before = (s == s_r) & ((g < g_r) | ((g == g_r) & (positions < j)))
         ranks[start:stop] = 1 + ahead.sum(-1) + tied_before.sum(-1)
     ranks[~valid] = 0
     return RelevantRanks(ranks=ranks, grades=grade)
 
 
-def relevant_ranks(scores: np.ndarray, relevance: np.ndarray) -> RelevantRanks:
+def relevant_ranks(scores: np.ndarray, relevance: np.ndarray, ties: str = "pessimistic") -> RelevantRanks:
     """Dense form: ``relevance`` is an (n_q, n_c) grade matrix (> 0 = relevant).
 
     Every query needs at least one relevant candidate (an error names those that do not).
@@ -133,7 +152,7 @@ def relevant_ranks(scores: np.ndarray, relevance: np.ndarray) -> RelevantRanks:
     order = np.argsort(~is_relevant, axis=1, kind="stable")[:, :width]
     index = np.where(np.take_along_axis(is_relevant, order, axis=1), order, -1)
     grade = np.where(index >= 0, np.take_along_axis(relevance, order, axis=1), 0.0)
-    return ranks_of_relevant(scores, index, grade, candidate_grades=np.clip(relevance, 0, None))
+    return ranks_of_relevant(scores, index, grade, candidate_grades=np.clip(relevance, 0, None), ties=ties)
 
 
 def hit_at_k(ranks: RelevantRanks, k: int) -> np.ndarray:
@@ -186,9 +205,10 @@ def mean_metrics(per_query: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def compute_metrics(scores: np.ndarray, relevance: np.ndarray, hit_ks: Sequence[int] = (1, 5),
-                    recall_ks: Sequence[int] = (1, 5, 10), ndcg_ks: Sequence[int] = (10,)) -> dict[str, float]:
+                    recall_ks: Sequence[int] = (1, 5, 10), ndcg_ks: Sequence[int] = (10,),
+                    ties: str = "pessimistic") -> dict[str, float]:
     """Mean metrics of a dense score matrix against a dense relevance-grade matrix."""
-    return mean_metrics(per_query_metrics(relevant_ranks(scores, relevance), hit_ks, recall_ks, ndcg_ks))
+    return mean_metrics(per_query_metrics(relevant_ranks(scores, relevance, ties), hit_ks, recall_ks, ndcg_ks))
 
 
 def _relevant_counts(ranks: RelevantRanks) -> np.ndarray:

@@ -7,10 +7,20 @@ For each subset:
    most of their items (class labels, answer strings, image pools), so this is usually a
    10-1000x saving.
 2. Encode through :class:`~rematch.evaluation.cache.CachedEncoder` (on-disk cache, and
-   strided shards across ranks when ``torch.distributed`` is initialised).
-3. Score every query against its own list (cosine = dot product of normalised vectors),
-   rank with the pessimistic tie rule of :mod:`rematch.evaluation.metrics`, and report
-   hit@1 (MMEB's Precision@1), hit@5 and MRR.
+   strided shards across ranks when ``torch.distributed`` is initialised); candidates
+   without an instruction get their subset's document instruction first
+   (:func:`rematch.instructions.document_items`, if the model's config turns them on).
+3. Score every query against its own list (cosine = dot product of normalised vectors)
+   and rank it. ``hit@1`` (MMEB's Precision@1), ``hit@5`` and ``mrr`` follow the official
+   MMEB rule: the scripts take ``argmax`` of the scores, which returns the first maximum,
+   and the answer is candidate 0, so an exact tie with the answer is a hit (the
+   ``list_order`` rule of :mod:`rematch.evaluation.metrics`). ``hit@1_strict`` is reported
+   beside it with the pessimistic rule, where such a tie is a miss; ``ties_at_top`` counts
+   the queries on which the two differ, ``positive_duplicates`` the lists that repeat the
+   answer (the usual cause: ImageNet-style label lists).
+
+Input limits (image pixels, text tokens) are evaluation settings: ``limits`` applies them
+for the run (:mod:`rematch.evaluation.settings`) and every result records them.
 
 Scores are fractions in [0, 1] in every JSON file; the Markdown report and the plot
 show percentages, as the MMEB tables do.
@@ -18,6 +28,8 @@ show percentages, as the MMEB tables do.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import time
@@ -32,12 +44,19 @@ from rematch.data.mmeb_subsets import subset_info
 from rematch.data.records import EvalExample, RowRef
 from rematch.evaluation.cache import CachedEncoder, EncodeStats
 from rematch.evaluation.distributed import encode_across_ranks, gather_stats, is_main_process
-from rematch.evaluation.metrics import check_finite, mean_metrics, per_query_metrics, ranks_of_relevant
+from rematch.evaluation.metrics import check_finite, hit_at_k, mean_metrics, per_query_metrics, ranks_of_relevant
+from rematch.evaluation.settings import InputLimits, current_limits, input_limits
+from rematch.instructions import document_items
 from rematch.atomic import write_json_atomically
 from rematch.retrieval.rerank import check_rerank, reranked_scores
 
 #: Score-matrix chunks are kept under this many floats (queries x unique candidates).
 _SCORE_BLOCK = 1 << 23
+
+#: The tie rule of hit@1, hit@5 and MRR (the official MMEB one), recorded in every result.
+TIE_RULE = "official"
+#: How exact ties are ordered under each reported rule (names of metrics.TIE_RULES).
+_OFFICIAL_TIES, _STRICT_TIES = "list_order", "pessimistic"
 
 
 class EvalDataError(ValueError):
@@ -141,23 +160,42 @@ def score_lists(data: DedupedSubset, query_vectors: np.ndarray, candidate_vector
     return scores
 
 
+def _model_config(model):
+    """The model's ModelConfig, which decides how documents are prepared (an error if absent)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "document_instructions"):
+        raise TypeError(f"{type(model).__name__} has no `config` (a ModelConfig): evaluation reads the model's "
+                        "document-instruction settings from it, so a wrapper must expose its model's config")
+    return config
+
+
 def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalExample],
                     ks: Sequence[int] = (1, 5), rerank: int = 0) -> dict:
     """Metrics of one subset (a JSON-ready dict; see the module docstring for the protocol)."""
     start = time.perf_counter()
+    config = _model_config(encoder.model)
     data = dedupe_examples(name, examples)
     query_vectors = encode_across_ranks(encoder, data.queries, "query")
-    candidate_vectors = encode_across_ranks(encoder, data.candidates, "document")
+    # ---- Document side: the single place the candidates are prepared for encoding. ----
+    # Candidates without an instruction of their own get the subset's document instruction
+    # (rematch.instructions; unchanged when the model's config turns them off). The reranker
+    # below reads `documents` too, so both stages see the same items.
+    documents = document_items(data.candidates, name, config)
+    candidate_vectors = encode_across_ranks(encoder, documents, "document")
     scores = score_lists(data, query_vectors, candidate_vectors)
     if rerank:
         for row, indices in enumerate(data.candidate_lists):
             query = data.queries[data.query_index[row]]
-            candidates = [data.candidates[i] for i in indices]
+            candidates = [documents[i] for i in indices]
             scores[row, :len(indices)] = reranked_scores(
                 encoder.model, query, candidates, scores[row, :len(indices)], rerank,
                 query_embedding=query_vectors[data.query_index[row]], candidate_embeddings=candidate_vectors[indices])
-    ranks = ranks_of_relevant(scores, np.zeros((len(data), 1), dtype=np.int64))
+    answer = np.zeros((len(data), 1), dtype=np.int64)  # MMEB: candidate 0 is the correct one
+    ranks = ranks_of_relevant(scores, answer, ties=_OFFICIAL_TIES)
+    strict_ranks = ranks_of_relevant(scores, answer, ties=_STRICT_TIES)
     metrics = mean_metrics(per_query_metrics(ranks, hit_ks=ks))
+    metrics = {"hit@1": metrics.pop("hit@1"), "hit@1_strict": float(hit_at_k(strict_ranks, 1).mean()), **metrics}
+    ties_at_top = int(((ranks.ranks[:, 0] == 1) & (strict_ranks.ranks[:, 0] > 1)).sum())
     info = subset_info(name)
     lengths = np.array([len(indices) for indices in data.candidate_lists])
     return {
@@ -171,6 +209,8 @@ def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalEx
         "unique_queries": len(data.queries),
         "unique_candidates": len(data.candidates),
         "positive_duplicates": data.positive_duplicates,
+        "ties_at_top": ties_at_top,
+        "tie_rule": TIE_RULE,
         "rerank": rerank,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -184,25 +224,53 @@ def subset_file_name(name: str) -> str:
 def evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]], out_dir: str | os.PathLike | None,
                   *, batch_size: int = 16, cache_dir: str | os.PathLike | None = None, ks: Sequence[int] = (1, 5),
                   plot: bool = True, rerank: int = 0, show_progress: bool = False,
-                  skipped_rows: Mapping[str, object] | None = None,
+                  skipped_rows: Mapping[str, object] | None = None, limits: InputLimits | None = None,
                   log: Callable[[str], None] | None = print) -> dict:
     """Run the MMEB protocol on every subset and write ``<out>/<Subset>.json`` + the summary files.
 
-    ``model`` needs ``encode`` and ``fingerprint`` (a :class:`~rematch.ReMatchModel`).
+    ``model`` needs ``encode``, ``fingerprint`` and ``config`` (a :class:`~rematch.ReMatchModel`).
     ``examples_by_subset`` maps a subset name to its examples (any iterable, read once).
     ``cache_dir=None`` disables the embedding cache. ``skipped_rows`` maps a subset to the
-    reader's bad-row report (anything with ``.total``), recorded as ``skipped_rows``. Under ``torch.distributed`` every
-    rank must call this with the same arguments; each encodes a shard, rank 0 writes the
-    files, and every rank returns the same summary.
+    reader's bad-row report (anything with ``.total``), recorded as ``skipped_rows``.
+    ``limits`` (e.g. :data:`~rematch.evaluation.settings.OFFICIAL_MMEB_V1_QWEN2VL`) are the
+    image/text input limits to encode with, applied for this call only; None keeps the
+    model's own (``rematch eval mmeb`` defaults to the official ones). Under
+    ``torch.distributed`` every rank must call this with the same arguments; each encodes
+    a shard, rank 0 writes the files, and every rank returns the same summary.
     """
-    from rematch.evaluation.report import summarize, write_summary
-
     check_rerank(rerank)
-    ks = tuple(sorted(set(ks) | {1}))  # hit@1 is MMEB's score
     if not examples_by_subset:
         raise ValueError("no subsets to evaluate")
+    with input_limits(model, limits) if limits is not None else contextlib.nullcontext():
+        return _evaluate_mmeb(model, examples_by_subset, out_dir, batch_size=batch_size, cache_dir=cache_dir, ks=ks,
+                              plot=plot, rerank=rerank, show_progress=show_progress, skipped_rows=skipped_rows,
+                              log=log, preset=limits.preset if limits is not None else None)
+
+
+def _limits_preset(model, effective: InputLimits) -> str:
+    """The preset name of the limits in force: "model" if they are the model's configured ones, else "custom"."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "model"
+    own = (getattr(config, "min_pixels", None), getattr(config, "max_pixels", None),
+           getattr(config, "max_text_tokens", None))
+    return "model" if own == (effective.min_pixels, effective.max_pixels, effective.max_text_tokens) else "custom"
+
+
+def _evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]], out_dir, *, batch_size: int,
+                   cache_dir, ks: Sequence[int], plot: bool, rerank: int, show_progress: bool,
+                   skipped_rows: Mapping[str, object] | None, log: Callable[[str], None] | None,
+                   preset: str | None = None) -> dict:
+    """:func:`evaluate_mmeb` with the input limits already in place."""
+    from rematch.evaluation.report import summarize, write_summary
+
+    ks = tuple(sorted(set(ks) | {1}))  # hit@1 is MMEB's score
     main = is_main_process()
     say = log if (log and main) else (lambda _: None)
+    effective = current_limits(model)
+    limits_record = None
+    if effective is not None:
+        limits_record = dataclasses.replace(effective, preset=preset or _limits_preset(model, effective)).as_dict()
     encoder = CachedEncoder(model, cache_dir, batch_size=batch_size, show_progress=show_progress and main)
     out = Path(out_dir) if out_dir is not None else None
     results: dict[str, dict] = {}
@@ -210,19 +278,20 @@ def evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]]
         for name, examples in examples_by_subset.items():
             result = evaluate_subset(encoder, name, examples, ks=ks, rerank=rerank)
             result["model_fingerprint"] = encoder.fingerprint
+            result["input_limits"] = limits_record
             if skipped_rows is not None and name in skipped_rows:
                 result["skipped_rows"] = int(skipped_rows[name].total)
             results[name] = result
             if out is not None and main:
                 write_json_atomically(out / subset_file_name(name), result)
-            say(f"{name:<22} hit@1 {100 * result['hit@1']:6.2f}  mrr {result['mrr']:.4f}  ({result['count']} "
-                f"queries, {result['unique_queries']} + {result['unique_candidates']} unique items, "
-                f"{result['seconds']:.1f}s)")
+            say(f"{name:<22} hit@1 {100 * result['hit@1']:6.2f}  strict {100 * result['hit@1_strict']:6.2f}  "
+                f"mrr {result['mrr']:.4f}  ({result['count']} queries, {result['unique_queries']} + "
+                f"{result['unique_candidates']} unique items, {result['seconds']:.1f}s)")
     finally:
         encoder.close()
     stats: EncodeStats = gather_stats(encoder.stats)
     summary = summarize(results, fingerprint=encoder.fingerprint, throughput=stats.as_dict(),
-                        primary="hit@1")
+                        primary="hit@1", input_limits=limits_record, tie_rule=TIE_RULE)
     if out is not None and main:
         write_summary(summary, out, plot=plot)
     say(f"encoded {stats.encoded} items in {stats.seconds:.1f}s ({stats.items_per_second:.1f} items/s), "

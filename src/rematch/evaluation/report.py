@@ -5,14 +5,20 @@ Aggregation follows MMEB: every group score is the UNWEIGHTED mean over its subs
 
 * per meta-task (classification, vqa, retrieval, grounding): the subsets of that task;
 * IND / OOD: the subsets in / out of MMEB-train (``rematch.data.mmeb_subsets``);
-* overall: every subset with a known meta-task.
+* overall: every subset with a known meta-task, or, when no evaluated subset has one,
+  every evaluated subset (so every summary has an overall; ``summary["overall_scope"]``
+  says which of the two it is).
 
 Subsets this project does not know (``subset_info`` says meta-task "other") are
 reported per subset and as their own "other" group, but are left out of the meta-task,
-IND/OOD and overall means, so adding a custom task never shifts the MMEB numbers.
-Subsets registered with a meta-task (``register_subset``, e.g. the built-in shapes
-tasks) count in that meta-task and in overall, and in IND/OOD only if registered so. ``summary["mmeb"]`` says whether
-all 36 MMEB subsets were evaluated: only then is "overall" the MMEB overall score.
+IND/OOD and overall means whenever a known subset is present, so adding a custom task
+never shifts the MMEB numbers. Subsets registered with a meta-task (``register_subset``,
+e.g. the built-in shapes tasks) count in that meta-task and in overall, and in IND/OOD
+only if registered so. ``summary["mmeb"]`` says whether all 36 MMEB subsets were
+evaluated: only then is "overall" the MMEB overall score.
+
+Metrics: ``hit@1`` follows the official MMEB tie rule, ``hit@1_strict`` the pessimistic
+one (see :mod:`rematch.evaluation.mmeb`); both are averaged the same way.
 """
 
 from __future__ import annotations
@@ -29,9 +35,14 @@ import numpy as np
 from rematch.data.mmeb_subsets import META_TASKS, MMEB_SUBSETS, OTHER, subset_info
 from rematch.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
 
-_METRIC = re.compile(r"^(hit|recall|ndcg)@\d+$|^mrr$")
+_METRIC = re.compile(r"^(hit|recall|ndcg)@\d+(_strict)?$|^mrr$")
 SPLITS = ("IND", "OOD")
 GROUP_ORDER = (*META_TASKS, *SPLITS, "overall", OTHER)
+STRICT_SUFFIX = "_strict"
+
+#: ``summary["overall_scope"]``: what the overall mean is taken over.
+OVERALL_KNOWN = "subsets with a known meta-task"
+OVERALL_ALL = "every evaluated subset (none has a known meta-task)"
 
 
 def metric_names(results: Mapping[str, Mapping]) -> list[str]:
@@ -40,30 +51,37 @@ def metric_names(results: Mapping[str, Mapping]) -> list[str]:
 
     def order(name: str) -> tuple:
         kind, _, k = name.partition("@")
-        return (["hit", "recall", "ndcg", "mrr"].index(kind), int(k or 0))
+        k, strict, _ = k.partition(STRICT_SUFFIX)
+        return (["hit", "recall", "ndcg", "mrr"].index(kind), int(k or 0), bool(strict))
 
     return sorted(common, key=order)
+
+
+def _meta_task_and_split(name: str, result: Mapping) -> tuple[str, str]:
+    """A result's own meta-task and split, else the registry's (results written by other tools may lack them)."""
+    info = subset_info(name)
+    return result.get("meta_task", info.meta_task), result.get("split", info.split)
 
 
 def aggregate(results: Mapping[str, Mapping]) -> dict[str, dict]:
     """Group means (see module docstring): ``{group: {"subsets": [...], metric: mean, ...}}``.
 
-    Groups without subsets are left out.
+    Groups without subsets are left out, except "overall", which always exists.
     """
     if not results:
         raise ValueError("no subset results to aggregate")
     metrics = metric_names(results)
     members: dict[str, list[str]] = {group: [] for group in GROUP_ORDER}
     for name, result in results.items():
-        info = subset_info(name)
-        meta_task = result.get("meta_task", info.meta_task)
-        split = result.get("split", info.split)
+        meta_task, split = _meta_task_and_split(name, result)
         members.setdefault(meta_task, []).append(name)
         if meta_task == OTHER:
             continue
         if split in SPLITS:
             members[split].append(name)
         members["overall"].append(name)
+    if not members["overall"]:  # only custom tasks: their plain mean is still a useful single number
+        members["overall"] = list(results)
     groups = {}
     for group, names in members.items():
         if names:
@@ -73,14 +91,19 @@ def aggregate(results: Mapping[str, Mapping]) -> dict[str, dict]:
 
 
 def summarize(results: Mapping[str, dict], fingerprint: str | None = None, throughput: Mapping | None = None,
-              primary: str = "hit@1") -> dict:
-    """The content of summary.json."""
+              primary: str = "hit@1", input_limits: Mapping | None = None, tie_rule: str | None = None) -> dict:
+    """The content of summary.json (``input_limits`` and ``tie_rule`` as :mod:`rematch.evaluation.mmeb` records them)."""
     missing = [name for name in MMEB_SUBSETS if name not in results]
+    groups = aggregate(results)
+    known = any(_meta_task_and_split(name, result)[0] != OTHER for name, result in results.items())
     return {
         "primary_metric": primary,
         "metrics": metric_names(results),
+        "tie_rule": tie_rule,
+        "input_limits": dict(input_limits) if input_limits is not None else None,
         "model_fingerprint": fingerprint,
-        "groups": aggregate(results),
+        "overall_scope": OVERALL_KNOWN if known else OVERALL_ALL,
+        "groups": groups,
         "subsets": dict(results),
         "mmeb": {"complete": not missing, "evaluated": len(MMEB_SUBSETS) - len(missing), "missing": missing},
         "throughput": dict(throughput or {}),
@@ -110,10 +133,23 @@ def render_markdown(summary: Mapping) -> str:
         lines += [f"Model fingerprint: `{summary['model_fingerprint']}`", ""]
     lines += [f"Scores in %, except MRR (a fraction). Primary metric: {primary} (MMEB's Precision@1). "
               "Group scores are unweighted means over their subsets.", ""]
+    if summary.get("tie_rule") == "official":
+        lines += ["Ties: hit@1, hit@5 and MRR follow the official MMEB rule (argmax, so an exact tie with the "
+                  "correct candidate 0 is a hit); hit@1_strict counts such a tie as a miss.", ""]
+    limits = summary.get("input_limits")
+    if limits:
+        cut = limits["max_text_tokens"]
+        text = f"text cut at {cut} tokens" if cut else "no text truncation"
+        verdict = "the official MMEB-V1 Qwen2-VL values" if limits["matches_official"] else \
+            "NOT the official MMEB-V1 values, so scores are not comparable with the leaderboard"
+        lines += [f"Input limits ({limits['preset']}): images {limits['min_pixels']}-{limits['max_pixels']} pixels, "
+                  f"{text}: {verdict}.", ""]
     coverage = summary["mmeb"]
     if not coverage["complete"]:
         lines += [f"Note: {coverage['evaluated']} of {len(MMEB_SUBSETS)} MMEB subsets were evaluated, so "
                   "'overall' is not the MMEB overall score.", ""]
+    if summary.get("overall_scope") == OVERALL_ALL:
+        lines += ["Note: no evaluated subset has a known meta-task, so 'overall' is the mean over all of them.", ""]
     header = "| {} | subsets | " + " | ".join(metrics) + " |"
     lines += ["## Summary", "", header.format("group"), "|---|---:|" + "---:|" * len(metrics)]
     for group in GROUP_ORDER:
@@ -131,8 +167,12 @@ def render_markdown(summary: Mapping) -> str:
                      + " | ".join(cells) + " |")
     duplicates = {n: r.get("positive_duplicates", 0) for n, r in summary["subsets"].items()}
     if any(duplicates.values()):
-        lines += ["", "Queries whose candidate list repeats the correct item (an exact tie, counted as a miss): "
+        lines += ["", "Queries whose candidate list repeats the correct item (exact ties): "
                   + ", ".join(f"{n} {c}" for n, c in duplicates.items() if c)]
+    ties = {n: r.get("ties_at_top", 0) for n, r in summary["subsets"].items()}
+    if any(ties.values()):
+        lines += ["", "Queries where the correct item ties for the top score (hit under the official rule, miss "
+                  "under the strict one): " + ", ".join(f"{n} {c}" for n, c in ties.items() if c)]
     throughput = summary.get("throughput") or {}
     if throughput:
         lines += ["", f"Encoding: {throughput.get('items_encoded', 0)} items in "
@@ -189,35 +229,89 @@ def render_plot(summary: Mapping) -> bytes:
     return buffer.getvalue()
 
 
+#: ``summary["tie_rule"]`` of a run written before hit@1 followed the official rule.
+LEGACY_TIE_RULE = "legacy (strict)"
+
+
 def load_summary(run_dir: str | os.PathLike) -> dict:
-    """summary.json of an evaluation output directory (an error names the path if absent)."""
+    """summary.json of an evaluation output directory (an error names the path if absent).
+
+    A summary written before hit@1 followed the official tie rule (it has no ``tie_rule``)
+    counted exact ties as misses: its ``hit@1`` is renamed ``hit@1_strict`` on loading and
+    ``tie_rule`` is set to :data:`LEGACY_TIE_RULE`, so comparing it with a new run puts
+    like next to like instead of showing the rule change as an improvement.
+    """
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no summary.json (is {run_dir} an `rematch eval mmeb` output directory?)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if "tie_rule" not in summary:  # every summary written since the rule change has the key
+        summary["tie_rule"] = LEGACY_TIE_RULE
+        for table in (summary.get("subsets", {}), summary.get("groups", {})):
+            for row in table.values():
+                if "hit@1" in row and "hit@1" + STRICT_SUFFIX not in row:
+                    row["hit@1" + STRICT_SUFFIX] = row.pop("hit@1")
+    return summary
 
 
 def compare_summaries(baseline: Mapping, candidate: Mapping, metric: str | None = None,
                       names: tuple[str, str] = ("baseline", "candidate")) -> str:
-    """A side-by-side table of two runs with delta = candidate - baseline, groups first, then subsets."""
+    """A side-by-side table of two runs with delta = candidate - baseline, groups first, then subsets.
+
+    For hit@k the strict-tie variant (``hit@k_strict``) gets its own three columns when
+    either run has it. Notes under the table say when the runs used different input
+    limits or a run predates the official tie rule, since then a delta is not a model change.
+    """
     metric = metric or candidate.get("primary_metric", "hit@1")
+    strict = metric + STRICT_SUFFIX
+    pairs = [metric] + ([strict] if _has_metric(baseline, strict) or _has_metric(candidate, strict) else [])
     scale, digits = (1.0, 4) if metric == "mrr" else (100.0, 2)
-    rows: list[tuple[str, float | None, float | None]] = []
+    rows: list[tuple[str, Mapping | None, Mapping | None]] = []
     for group in GROUP_ORDER:
         a, b = baseline["groups"].get(group), candidate["groups"].get(group)
         if a or b:
-            rows.append((f"[{group}]", a and a.get(metric), b and b.get(metric)))
+            rows.append((f"[{group}]", a, b))
     subsets = {**baseline["subsets"], **candidate["subsets"]}
     for name in _plot_order(subsets):
-        a, b = baseline["subsets"].get(name), candidate["subsets"].get(name)
-        rows.append((name, a and a.get(metric), b and b.get(metric)))
-    width = max(len(r[0]) for r in rows + [("subset", 0, 0)])
+        rows.append((name, baseline["subsets"].get(name), candidate["subsets"].get(name)))
+    width = max(len(r[0]) for r in rows + [("subset", None, None)])
     unit = "" if metric == "mrr" else " (%)"
-    lines = [f"{metric}{unit}: {names[0]} vs {names[1]}",
-             f"{'subset':<{width}}  {'baseline':>9}  {'candidate':>9}  {'delta':>8}"]
+    title = f"{metric}{unit}: {names[0]} vs {names[1]}"
+    header = f"{'subset':<{width}}  {'baseline':>9}  {'candidate':>9}  {'delta':>8}"
+    if len(pairs) > 1:
+        title += f"; then {strict} (exact ties count as misses)"
+        header += f"  {'strict b.':>9}  {'strict c.':>9}  {'delta':>8}"
+    lines = [title, header]
     for label, a, b in rows:
-        cell_a = f"{scale * a:9.{digits}f}" if a is not None else f"{'—':>9}"
-        cell_b = f"{scale * b:9.{digits}f}" if b is not None else f"{'—':>9}"
-        delta = f"{scale * (b - a):+8.{digits}f}" if a is not None and b is not None else f"{'':>8}"
-        lines.append(f"{label:<{width}}  {cell_a}  {cell_b}  {delta}")
-    return "\n".join(lines)
+        cells = []
+        for name in pairs:
+            value_a, value_b = a and a.get(name), b and b.get(name)
+            cells.append(f"{scale * value_a:9.{digits}f}" if value_a is not None else f"{'—':>9}")
+            cells.append(f"{scale * value_b:9.{digits}f}" if value_b is not None else f"{'—':>9}")
+            cells.append(f"{scale * (value_b - value_a):+8.{digits}f}" if value_a is not None and value_b is not None
+                         else f"{'':>8}")
+        lines.append(f"{label:<{width}}  " + "  ".join(cells).rstrip())
+    return "\n".join(lines + _comparison_notes(baseline, candidate, names))
+
+
+def _has_metric(summary: Mapping, metric: str) -> bool:
+    return any(metric in row for row in summary.get("subsets", {}).values())
+
+
+def _comparison_notes(baseline: Mapping, candidate: Mapping, names: tuple[str, str]) -> list[str]:
+    """Warnings about differences in protocol between two runs (a delta would not be the model's)."""
+    notes = []
+    for summary, name in ((baseline, names[0]), (candidate, names[1])):
+        if summary.get("tie_rule") == LEGACY_TIE_RULE:
+            notes.append(f"note: {name} predates the official tie rule: its hit@1 is shown as hit@1_strict, "
+                         "and its hit@5 and mrr count exact ties as misses")
+    limits = [summary.get("input_limits") for summary in (baseline, candidate)]
+    if limits[0] != limits[1]:
+        def describe(value):
+            if not value:
+                return "not recorded"
+            return (f"{value['min_pixels']}-{value['max_pixels']} px, "
+                    f"{value['max_text_tokens'] or 'no'} text-token limit")
+        notes.append(f"note: the runs used different input limits ({names[0]}: {describe(limits[0])}; "
+                     f"{names[1]}: {describe(limits[1])})")
+    return notes
