@@ -394,3 +394,24 @@ def test_the_embedding_cache_never_stores_or_serves_a_vector_that_is_not_unit_le
     cache.close()
     with pytest.raises(EmbeddingCacheError, match="entry a is damaged"):
         EmbeddingCache(tmp_path, "fp").get_many(["a"])
+
+
+def test_subset_names_that_sanitise_alike_get_their_own_result_files():
+    from rematch.evaluation.mmeb import subset_file_name
+
+    names = ["a/b", "a_b", "a b", "summary", "ImageNet-1K", "Visual7W-Pointing"]
+    files = [subset_file_name(name) for name in names]
+    assert len(set(files)) == len(names)
+    assert files[1] == "a_b.json" and files[4] == "ImageNet-1K.json" and files[3] != "summary.json"
+
+
+def test_results_of_another_model_in_the_output_directory_are_refused_or_removed(tmp_path, tiny_model):
+    from rematch.evaluation.mmeb import check_output_directory
+
+    (tmp_path / "OldTask.json").write_text(json.dumps({"subset": "OldTask", "model_fingerprint": "other"}))
+    (tmp_path / "notes.json").write_text(json.dumps({"mine": True}))  # not a result file: never touched
+    (tmp_path / "Same.json").write_text(json.dumps({"subset": "Same", "model_fingerprint": "fp"}))
+    with pytest.raises(FileExistsError, match="OldTask.json"):
+        check_output_directory(tmp_path, "fp")
+    check_output_directory(tmp_path, "fp", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Same.json", "notes.json"]

@@ -69,6 +69,7 @@ def cmd_mmeb(args: argparse.Namespace) -> int:
             model, args.data, args.out, subsets=args.subsets, split=args.split,
             image_root=args.image_root, skip_bad=args.skip_bad, batch_size=args.batch_size,
             strip_orphan_placeholders=args.strip_orphan_placeholders, limits=_input_limits(args, model),
+            overwrite=args.overwrite,
             cache_dir=_cache_dir(args), plot=not args.no_plot, rerank=args.rerank, show_progress=args.progress)
         if args.compare and is_main_process():
             print(compare_summaries(load_summary(args.compare), summary, names=(args.compare, args.out)))
@@ -148,6 +149,8 @@ def register(sub) -> None:
                       help="truncate texts to this many tokens (0 = never; official: 0)")
     mmeb.add_argument("--out", required=True, help="output directory (<Subset>.json, summary.json/.md/.png)")
     mmeb.add_argument("--no-plot", action="store_true")
+    mmeb.add_argument("--overwrite", action="store_true",
+                      help="remove per-subset results of another model found in --out (default: refuse)")
     mmeb.add_argument("--compare", default=None, metavar="OTHER_OUT",
                       help="print this run next to another run's summary, with deltas")
     mmeb.set_defaults(func=cmd_mmeb)

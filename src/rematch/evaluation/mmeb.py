@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import time
@@ -216,16 +218,47 @@ def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalEx
     }
 
 
+#: Files of an output directory that are not per-subset results.
+_RESERVED_STEMS = {"summary"}
+
+
 def subset_file_name(name: str) -> str:
-    """``<Subset>.json`` with characters that are unsafe in file names replaced."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) + ".json"
+    """``<Subset>.json``; a name that needs changing to be a safe file name (``a/b``, ``a b``) or
+    that would shadow the summary gets a hash of the real name appended, so two subsets never
+    write the same file ("a/b" and "a_b" once overwrote each other's results)."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+    if safe != name or safe.lower() in _RESERVED_STEMS or safe.startswith("."):
+        safe = f"{safe}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
+    return safe + ".json"
+
+
+def check_output_directory(out: Path, fingerprint: str, overwrite: bool = False) -> None:
+    """Refuse an ``--out`` that holds per-subset results of ANOTHER model: they would sit beside
+    the new summary as if they belonged to it. ``overwrite`` removes them instead."""
+    if not out.is_dir():
+        return
+    stale = []
+    for path in sorted(out.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and "subset" in record and record.get("model_fingerprint") not in (None,
+                                                                                                      fingerprint):
+            stale.append(path)
+    if stale and not overwrite:
+        raise FileExistsError(f"{out} holds results of another model ({', '.join(p.name for p in stale[:3])}"
+                              f"{', ...' if len(stale) > 3 else ''}); choose a new --out, or pass --overwrite "
+                              "(overwrite=True) to remove them")
+    for path in stale:
+        path.unlink()
 
 
 def evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]], out_dir: str | os.PathLike | None,
                   *, batch_size: int = 16, cache_dir: str | os.PathLike | None = None, ks: Sequence[int] = (1, 5),
                   plot: bool = True, rerank: int = 0, show_progress: bool = False,
                   skipped_rows: Mapping[str, object] | None = None, limits: InputLimits | None = None,
-                  log: Callable[[str], None] | None = print) -> dict:
+                  overwrite: bool = False, log: Callable[[str], None] | None = print) -> dict:
     """Run the MMEB protocol on every subset and write ``<out>/<Subset>.json`` + the summary files.
 
     ``model`` needs ``encode``, ``fingerprint`` and ``config`` (a :class:`~rematch.ReMatchModel`).
@@ -234,13 +267,16 @@ def evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]]
     reader's bad-row report (anything with ``.total``), recorded as ``skipped_rows``.
     ``limits`` (e.g. :data:`~rematch.evaluation.settings.OFFICIAL_MMEB_V1_QWEN2VL`) are the
     image/text input limits to encode with, applied for this call only; None keeps the
-    model's own (``rematch eval mmeb`` defaults to the official ones). Under
+    model's own (``rematch eval mmeb`` defaults to the official ones). Results of another
+    model in ``out_dir`` are an error unless ``overwrite`` (then they are removed). Under
     ``torch.distributed`` every rank must call this with the same arguments; each encodes
     a shard, rank 0 writes the files, and every rank returns the same summary.
     """
     check_rerank(rerank)
     if not examples_by_subset:
         raise ValueError("no subsets to evaluate")
+    if out_dir is not None and is_main_process():
+        check_output_directory(Path(out_dir), model.fingerprint(), overwrite)
     with input_limits(model, limits) if limits is not None else contextlib.nullcontext():
         return _evaluate_mmeb(model, examples_by_subset, out_dir, batch_size=batch_size, cache_dir=cache_dir, ks=ks,
                               plot=plot, rerank=rerank, show_progress=show_progress, skipped_rows=skipped_rows,
