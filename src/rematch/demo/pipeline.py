@@ -93,13 +93,14 @@ def train_and_evaluate(settings: DemoSettings, row: AblationRow, seed: int, data
     train_summary = json.loads((directory / "train_summary.json").read_text(encoding="utf-8"))
     model = ReMatchModel.from_pretrained(result.model_dir)
     quiet = None
+    # the demo owns its output folders: a rerun replaces the results of the previous run's models
     evaluation = evaluate_mmeb_source(model, str(data_root), directory / "eval", subsets=list(SUBSETS),
-                                      cache_dir=settings.out / "cache", plot=False, log=quiet)
+                                      cache_dir=settings.out / "cache", plot=False, log=quiet, overwrite=True)
     reranked = None
     if row.uses_matching and settings.rerank_top:
         reranked = evaluate_mmeb_source(model, str(data_root), directory / "eval-rerank", subsets=list(SUBSETS),
                                         cache_dir=settings.out / "cache", plot=False, log=quiet,
-                                        rerank=settings.rerank_top)
+                                        rerank=settings.rerank_top, overwrite=True)
     overall = evaluation["groups"]["overall"]["hit@1"]
     log(f"  {row.name:<14} seed {seed}: trained {config.train.steps} steps in {train_summary['seconds']:.0f}s "
         f"({train_summary['samples_per_second']:.1f} samples/s), overall hit@1 {100 * overall:.1f}%"
