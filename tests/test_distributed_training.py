@@ -7,19 +7,23 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from rematch import ReMatchModel
 from rematch.config import LossConfig, load_config
 from rematch.data.collate import TrainCollator
+from rematch.data.items import Item
 from rematch.data.mmeb import open_train_source
+from rematch.data.records import TrainExample
 from rematch.data.shapes_tasks import write_shapes_dataset
-from rematch.losses import objective
+from rematch.losses import OBJECTIVE, objective
 from rematch.training.gradcache import GradCache, average_gradients_across_processes
 from rematch.training.loop import train
 from rematch.training.step import ReMatchTrainingModule
@@ -65,6 +69,15 @@ def _worker(rank: int, world: int, port: int, root: str, out: str, use_gradcache
         dist.destroy_process_group()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process while two workers share the CPU; put back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
     return str(write_shapes_dataset(tmp_path_factory.mktemp("shapes"), train_rows=40, eval_queries=0, seed=1,
@@ -72,8 +85,7 @@ def shapes_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("use_gradcache", [False, True], ids=["plain", "gradcache"])
-def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path, shapes_root, use_gradcache):
-    torch.set_num_threads(1)
+def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path, shapes_root, use_gradcache, one_thread):
     single = _module()
     batch = TrainCollator(single.model)(_examples(shapes_root, 2 * B))
     terms = single(batch)
@@ -121,3 +133,66 @@ def test_torchrun_two_processes_train_the_same_weights_as_one(tmp_path):
         # Adam moves an element by up to lr (1.5e-4 here) whatever its gradient's size, so float
         # noise in a near-zero gradient can show as a few 1e-5 in the weights.
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------ uneven ranks under DDP
+
+
+def _uneven_module() -> ReMatchTrainingModule:
+    """Full fine-tuning (the vision tower trains); rows without a hard negative are not matched."""
+    model = ReMatchModel.tiny(k=4, seed=0, max_pixels=56 * 56)
+    return ReMatchTrainingModule(model, LossConfig(matching=0.1, matching_samples=0, in_batch_negatives=False), seed=0)
+
+
+def _uneven_examples(root: str) -> list[list[TrainExample]]:
+    """Rank 0: three shapes rows (images, one hard negative each). Rank 1: two text-only rows
+    without negatives, so its batch reaches neither the vision tower nor the matching branch."""
+    text_only = [TrainExample(Item(text="a large red circle"), Item(text="red circle, large")),
+                 TrainExample(Item(text="a small blue star"), Item(text="blue star, small"))]
+    return [_examples(root, 3), text_only]
+
+
+def _uneven_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        results = {}
+        for mode in ("ddp", "gradcache"):
+            module = _uneven_module()
+            batch = TrainCollator(module.model)(_uneven_examples(root)[rank])
+            wrapped = DistributedDataParallel(module) if mode == "ddp" else None
+            for step in range(2):  # a parameter without a gradient makes DDP fail at the second forward
+                module.zero_grad(set_to_none=True)
+                if wrapped is not None:
+                    terms = wrapped(batch, step)
+                    objective(terms).backward()
+                else:
+                    terms = GradCache(module, chunk_size=2).step(batch, step)
+            results[mode] = {"terms": {k: v.item() for k, v in terms.items() if k != OBJECTIVE},
+                             "grads": _grads(module)}
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_uneven_rows_negatives_images_and_matching_equal_one_process(tmp_path, shapes_root, one_thread):
+    single = _uneven_module()
+    batch = TrainCollator(single.model)([e for rank in _uneven_examples(shapes_root) for e in rank])
+    assert batch.negatives is not None and len(batch.negatives) == 3
+    terms = single(batch, 1)
+    objective(terms).backward()
+    expected = _grads(single)
+    assert {"contrastive", "orthogonality", "matching"} <= set(terms)
+
+    mp.spawn(_uneven_worker, args=(2, _free_port(), shapes_root, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in ranks:
+        for mode in ("ddp", "gradcache"):
+            got = result[mode]
+            for name, value in terms.items():  # every term is the global batch's value, on every rank
+                assert got["terms"][name] == pytest.approx(value.item(), rel=1e-5), (mode, name)
+            assert set(got["grads"]) == set(expected), mode
+            worst = max(float((got["grads"][n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(1e-12))
+                        for n in expected)
+            assert worst < 1e-4, mode

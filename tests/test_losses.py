@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from rematch.losses import LossWeights, ReMatchLoss, info_nce, matching_loss, objective, orthogonality
+from rematch.losses import OBJECTIVE, LossWeights, ReMatchLoss, info_nce, matching_loss, objective, orthogonality
 
 
 def unit(rows):
@@ -78,42 +79,88 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _data(batch: int, dim: int = 6):
-    generator = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, dim, generator=generator) for _ in range(3)]
-
-
 def _encoder_weight(dim: int = 6) -> torch.Tensor:
     return torch.randn(dim, dim, generator=torch.Generator().manual_seed(1))
 
 
-def _loss_and_grad(q_raw, p_raw, n_raw):
-    """A shared linear encoder (what DDP replicates) embeds this process's slice."""
+# ------------------------------------------------------------------ distributed, uneven ranks
+
+# Rows per rank: (queries, hard negatives, matched queries). Every term uses them all:
+# MMEB-train has negatives only for some subsets, --skip-bad can drop a row on one rank,
+# and a rank's matching plan can be empty. Two processes must equal one process holding
+# the global batch (the ranks' rows concatenated in rank order): values and gradient.
+UNEVEN = {
+    "even ranks": ((4, 4), (4, 4), (4, 4)),
+    "negatives 3 and 1": ((4, 4), (3, 1), (2, 2)),
+    "negatives 2 and 0, no matching on rank 1": ((4, 4), (2, 0), (4, 0)),
+    "a row skipped on rank 1": ((4, 3), (1, 2), (1, 3)),
+    "no negatives and no matching anywhere": ((2, 2), (0, 0), (0, 0)),
+}
+K = 3
+
+
+def _uneven_inputs(case: str, rank: int | None):
+    """The global batch's raw rows and matching labels, or rank ``rank``'s slice of them."""
+    queries, negatives, matched = UNEVEN[case]
+    generator = torch.Generator().manual_seed(len(case))
+    q_raw, p_raw = torch.randn(sum(queries), 6, generator=generator), torch.randn(sum(queries), 6, generator=generator)
+    n_raw = torch.randn(sum(negatives), 6, generator=generator)
+    labels = torch.randint(0, 2, (sum(matched), 2), generator=generator)
+    if rank is None:
+        return q_raw, p_raw, n_raw, labels
+
+    def cut(tensor, counts):  # ranks hold consecutive slices, in rank order
+        start = sum(counts[:rank])
+        return tensor[start:start + counts[rank]]
+
+    return cut(q_raw, queries), cut(p_raw, queries), cut(n_raw, negatives), cut(labels, matched)
+
+
+def _uneven_loss_and_grad(case: str, rank: int | None):
+    """All three terms through a shared linear encoder (what DDP replicates) on a batch or a slice."""
+    _, _, matched = UNEVEN[case]
+    q_raw, p_raw, n_raw, labels = _uneven_inputs(case, rank)
     weight = _encoder_weight().requires_grad_(True)
+    offsets = torch.randn(K, 6, generator=torch.Generator().manual_seed(2))
+    answer = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
     q, p, n = (F.normalize(t @ weight, dim=-1) for t in (q_raw, p_raw, n_raw))
-    terms = ReMatchLoss(LossWeights(1.0, 0.0, 0.0), temperature=0.1)(q, p, n)
+    states = torch.cat([torch.stack([(t + o) @ weight for o in offsets], dim=1) for t in (q_raw, p_raw, n_raw)])
+    if rank is None:  # the global batch: each rank's first matched[r] queries, in rank order
+        counts = UNEVEN[case][0]
+        rows = [counts[0] * r + i for r in range(2) for i in range(matched[r])]
+    else:
+        rows = list(range(matched[rank]))
+    logits = (q[rows] @ answer).view(len(rows), 2, 2)
+    terms = ReMatchLoss(LossWeights(1.0, 0.5, 0.1), temperature=0.1)(
+        q, p, n if len(n) else None, states, logits, labels)
     objective(terms).backward()
-    return terms["contrastive"].item(), weight.grad
+    return {k: v.item() for k, v in terms.items() if k != OBJECTIVE}, weight.grad
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _uneven_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
-        full = _data(4 * world)
-        loss, grad = _loss_and_grad(*[t[rank * 4:(rank + 1) * 4] for t in full])
-        dist.all_reduce(grad)  # what DDP does after backward: average over ranks
-        grad /= world
-        torch.save({"loss": loss, "grad": grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+        results = {}
+        for case in UNEVEN:
+            terms, grad = _uneven_loss_and_grad(case, rank)
+            dist.all_reduce(grad)  # what DDP does after backward: average over ranks
+            results[case] = {"terms": terms, "grad": grad / world}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
-    world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    single_loss, single_grad = _loss_and_grad(*_data(4 * world))
-    for rank in range(world):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert result["loss"] == pytest.approx(single_loss, rel=1e-6)
-        torch.testing.assert_close(result["grad"], single_grad, rtol=1e-5, atol=1e-7)
+def test_two_processes_equal_one_process_with_the_global_batch_even_or_uneven_ranks(tmp_path):
+    mp.spawn(_uneven_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for case in UNEVEN:
+        terms, grad = _uneven_loss_and_grad(case, None)
+        matched = sum(UNEVEN[case][2])
+        assert ("matching" in terms) == (matched > 0), case
+        for result in ranks:
+            got = result[case]
+            assert set(got["terms"]) == set(terms), case
+            for name, value in terms.items():
+                assert got["terms"][name] == pytest.approx(value, rel=1e-5), (case, name)
+            torch.testing.assert_close(got["grad"], grad, rtol=1e-5, atol=1e-7, msg=case)

@@ -20,14 +20,16 @@ embedding forward. The result is the exact gradient of the full loss; the memory
 one embedding chunk plus one matching sub-batch.
 
 Multi-process: every backward runs outside DDP's hooks, and the gradients are averaged
-across processes once at the end of the step (the contrastive loss is already scaled so
-that this average is the single-process gradient of the global batch).
+across processes once at the end of the step, in a few flat buckets (the objective is
+already scaled so that this average is the single-process gradient of the global batch,
+whatever the per-rank row counts: see :mod:`rematch.losses`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from rematch.backbones.base import EncoderBatch
 from rematch.losses import OBJECTIVE, objective
@@ -103,14 +105,45 @@ class GradCache:
         return outputs, rng_states
 
 
-def average_gradients_across_processes(module: torch.nn.Module) -> None:
-    """Average ``.grad`` over processes (what DDP's hooks do, done once after several backwards)."""
+BUCKET_BYTES = 64 * 1024 * 1024
+"""Gradients are all-reduced in flat buffers of about this size: a few large messages
+instead of one per parameter, with bounded extra memory (DDP buckets for the same reason)."""
+
+
+def average_gradients_across_processes(module: torch.nn.Module, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average ``.grad`` over processes (what DDP's hooks do, done once after several backwards).
+
+    Every trainable parameter takes part on every rank (a missing gradient counts as zeros),
+    so all ranks make the same calls with the same buffer sizes. Gradients are grouped by
+    device and dtype and flattened into buckets of about ``bucket_bytes``.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     world = dist.get_world_size()
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for parameter in module.parameters():
         if parameter.requires_grad:
             if parameter.grad is None:
                 parameter.grad = torch.zeros_like(parameter)
-            dist.all_reduce(parameter.grad)
-            parameter.grad /= world
+            groups.setdefault((parameter.grad.device, parameter.grad.dtype), []).append(parameter.grad)
+    for grads in groups.values():
+        for bucket in _buckets(grads, bucket_bytes):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat)
+            flat /= world
+            for grad, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                grad.copy_(averaged)
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of tensors of at most ``bucket_bytes`` each (a larger tensor gets its own)."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if not buckets or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(tensor)
+        size += nbytes
+    return buckets

@@ -28,7 +28,7 @@ from rematch.training.batches import BatchStream, open_source
 from rematch.training.gradcache import GradCache
 from rematch.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from rematch.training.logs import StepLog, plot_losses
-from rematch.training.step import ReMatchTrainingModule
+from rematch.training.step import ReMatchTrainingModule, freeze_parameters_without_loss
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,8 +46,13 @@ class TrainResult:
     skipped_rows: int
 
 
-def prepare_model(config: Config) -> ReMatchModel:
-    """The model to train: backbone from config, LoRA or full fine-tuning, optional checkpointing."""
+def prepare_model(config: Config, log=None) -> ReMatchModel:
+    """The model to train: backbone from config, LoRA or full fine-tuning, optional checkpointing.
+
+    Parameters that no enabled loss term reaches (the projector with matching off, the
+    zero-size tokens with K = 0, ...) are frozen here, before DDP wraps the model: see
+    :func:`rematch.training.step.freeze_parameters_without_loss`.
+    """
     model = ReMatchModel.from_config(config.model)
     if config.lora.enabled:
         model.enable_lora(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout,
@@ -55,6 +60,9 @@ def prepare_model(config: Config) -> ReMatchModel:
     elif config.train.freeze_vision:
         for parameter in model.adapter.core(model.backbone).visual.parameters():
             parameter.requires_grad_(False)
+    frozen = freeze_parameters_without_loss(model, config.loss)
+    if frozen and log is not None:
+        log(f"not trained (no enabled loss term reaches them): {', '.join(frozen)}")
     if config.train.gradient_checkpointing:
         model.adapter.causal_lm(model.backbone).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -94,7 +102,7 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, out / "config.yaml")
 
-    model = prepare_model(config)
+    model = prepare_model(config, log=log if is_main else None)
     module = ReMatchTrainingModule(model, config.loss, seed=config.train.seed)
     optimizer = build_optimizer(module, config)
     warmup = int(config.train.warmup_ratio * config.train.steps)
