@@ -196,6 +196,11 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = False
     """Continue from the newest complete checkpoint in ``out``."""
+    overwrite: bool = False
+    """Start over in an ``out`` that holds a previous run, deleting that run's outputs (without
+    this or ``resume``, such a directory is refused)."""
+    resume_with_changes: bool = False
+    """Accept settings that differ from the checkpoint's when resuming (otherwise an error)."""
     plot: bool = True
 
 

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from rematch.commands.common import positive_int
+from rematch.config import ConfigError
 
 STABLE_FLAGS = {"out": "train.out", "steps": "train.steps", "seed": "train.seed", "data": "data.source"}
 
@@ -16,14 +17,13 @@ def parse_overrides(extra: list[str]) -> list[str]:
     while index < len(extra):
         token = extra[index]
         if not token.startswith("--") or "." not in token.split("=", 1)[0]:
-            raise SystemExit(f"rematch train: unrecognised argument {token!r} "
-                             "(config overrides look like --section.key value)")
+            raise ConfigError(f"unrecognised argument {token!r} (config overrides look like --section.key value)")
         if "=" in token:
             overrides.append(token[2:])
             index += 1
         else:
             if index + 1 >= len(extra):
-                raise SystemExit(f"rematch train: {token} needs a value")
+                raise ConfigError(f"{token} needs a value")
             overrides.append(f"{token[2:]}={extra[index + 1]}")
             index += 2
     return overrides
@@ -40,6 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     if args.resume:
         overrides.append("train.resume=true")
+    if args.overwrite:
+        overrides.append("train.overwrite=true")
     config = load_config(args.config, overrides)
     result = train(config, show_progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, only the main process reports
@@ -61,5 +63,7 @@ def register(sub) -> None:
     train.add_argument("--seed", type=int, default=None, help="random seed (train.seed)")
     train.add_argument("--data", default=None, help="MMEB root, HF dataset id, jsonl/csv, or builtin (data.source)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in a run directory that holds a previous run (deletes that run's outputs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train, overrides=[])

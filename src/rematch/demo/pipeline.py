@@ -58,6 +58,7 @@ def row_config(settings: DemoSettings, row: AblationRow, seed: int, data_root: P
         "train.out": str(out), "train.steps": settings.steps, "train.batch_size": settings.batch_size,
         "train.lr": settings.lr, "train.seed": seed, "train.warmup_ratio": 0.05, "train.freeze_vision": False,
         "train.save_every": 0, "train.plot": True,
+        "train.overwrite": True,  # the demo owns its run folders: a rerun starts each row afresh
     }
     return apply_overrides(Config(), {**shared, **row.overrides})
 

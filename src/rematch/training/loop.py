@@ -27,6 +27,8 @@ from rematch.model import ReMatchModel
 from rematch.training.batches import BatchStream, open_source
 from rematch.training.gradcache import GradCache
 from rematch.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from rematch.training.run_directory import (check_resume, check_run_directory, checkpoint_identity,
+                                           prepare_run_directory, read_run_id)
 from rematch.training.logs import StepLog, plot_losses
 from rematch.training.step import ReMatchTrainingModule, freeze_parameters_without_loss
 
@@ -98,8 +100,11 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
         raise ConfigError(f"under {accelerator.distributed_type.name}, resumable checkpoints (train.save_every, "
                           "train.resume) and GradCache (train.grad_cache_chunk) are not supported yet; set them "
                           "to 0/false, or use plain DDP (the paper's LoRA recipes fit without sharding)")
+    check_run_directory(config)  # every process, before anything is written
+    accelerator.wait_for_everyone()
+    run_id = prepare_run_directory(config, log) if is_main else None
+    accelerator.wait_for_everyone()
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, out / "config.yaml")
 
     model = prepare_model(config, log=log if is_main else None)
@@ -121,6 +126,8 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
         found = latest_checkpoint(checkpoints, log=log)
         if found is not None:
             state = load_checkpoint(found, unwrapped, optimizer, scheduler, rank=accelerator.process_index)
+            check_resume(state.extra, read_run_id(out), config, state.step, found, log=log if is_main else
+                         (lambda *_: None))
             source.load_state_dict(state.data_state)
             start_step = state.step
             log(f"resumed from {found} at step {start_step}")
@@ -180,14 +187,14 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
             progress.update(1)
             if config.train.save_every and done % config.train.save_every == 0 and done < config.train.steps:
                 _checkpoint(accelerator, checkpoints, done, unwrapped, optimizer, scheduler, step_batch.data_state,
-                            config)
+                            config, run_id)
     finally:
         progress.close()
         stream.close()
     seconds = time.perf_counter() - started
     if not sharded:  # the final state, so a later run can continue with more steps
         _checkpoint(accelerator, checkpoints, config.train.steps, unwrapped, optimizer, scheduler,
-                    last_data_state, config)
+                    last_data_state, config, run_id)
     model_dir = out / "model"
     plot = None
     skipped = 0
@@ -219,7 +226,8 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
                        final_losses=last_terms, loss_plot=plot, skipped_rows=skipped)
 
 
-def _checkpoint(accelerator, root: Path, step: int, module, optimizer, scheduler, data_state, config: Config) -> None:
+def _checkpoint(accelerator, root: Path, step: int, module, optimizer, scheduler, data_state, config: Config,
+                run_id: str | None) -> None:
     """Gather every process's RNG state, then let the main process write the checkpoint."""
     states = [rng_state()]
     if accelerator.num_processes > 1:
@@ -228,5 +236,6 @@ def _checkpoint(accelerator, root: Path, step: int, module, optimizer, scheduler
         states = gathered
     if accelerator.is_main_process:
         save_checkpoint(root, step, module, optimizer, scheduler, data_state, states,
-                        extra={"world_size": accelerator.num_processes}, keep_last=config.train.keep_last)
+                        extra={"world_size": accelerator.num_processes, **checkpoint_identity(run_id, config)},
+                        keep_last=config.train.keep_last)
     accelerator.wait_for_everyone()

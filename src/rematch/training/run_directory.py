@@ -1,0 +1,142 @@
+"""A run directory belongs to one run: reuse it only to resume that run, or start over explicitly.
+
+Without these rules a second ``rematch train --out runs/x`` truncated the first run's loss
+log, overwrote its config.yaml and model, and had its own new checkpoints pruned because
+the old ones carried higher step numbers; a later ``--resume`` then continued the OLD run
+under the NEW config while config.yaml recorded the new values. Now:
+
+* a directory that holds a previous run is refused unless ``train.resume`` (continue it) or
+  ``train.overwrite`` (delete that run's outputs, then start afresh) is given;
+* ``run.json`` names the run (a random id) and every checkpoint records that id, the
+  config's hash and the config itself, so a resume checks it continues the same run with
+  the same settings; a changed setting is an error naming it, unless
+  ``train.resume_with_changes`` accepts the changes explicitly (they are logged);
+* settings that do not change what is computed (logging, checkpoint cadence, workers,
+  the step count, which only extends or shortens the run) may differ on resume, but a
+  checkpoint past ``train.steps`` is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from rematch.atomic import write_json_atomically
+from rematch.config import Config, ConfigError
+
+RUN_FILE = "run.json"
+
+#: What a run writes into its directory (``--overwrite`` deletes these and nothing else).
+RUN_OUTPUTS = ("run.json", "config.yaml", "losses.jsonl", "losses.csv", "loss_curves.png", "train_summary.json",
+               "checkpoints", "model", "tensorboard", "data")
+
+#: Settings that may differ when a run is resumed: they change how it is logged, saved or
+#: fed, or how long it runs, not what a step computes.
+RESUMABLE_CHANGES = frozenset({"train.resume", "train.overwrite", "train.resume_with_changes", "train.out",
+                               "train.steps", "train.log_every", "train.save_every", "train.keep_last", "train.plot",
+                               "data.num_workers"})
+
+
+class RunDirectoryError(ConfigError):
+    """A run directory cannot be used as asked (a previous run there, or a checkpoint of another run)."""
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` of a config, for hashing and for naming what changed."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and prefix.count(".") < 1:
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, sub)
+        else:
+            flat[prefix] = value
+
+    walk("", dataclasses.asdict(config))
+    return flat
+
+
+def config_hash(config: Config) -> str:
+    """Identity of the settings that decide what a step computes (everything but RESUMABLE_CHANGES)."""
+    relevant = {key: value for key, value in flat_config(config).items() if key not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def holds_a_run(out: Path) -> bool:
+    return out.is_dir() and any((out / name).exists() for name in RUN_OUTPUTS if name != "data")
+
+
+def check_run_directory(config: Config) -> None:
+    """Refuse a directory holding a previous run unless resuming or overwriting (read-only: every
+    process calls it before any writes, so all of them stop together)."""
+    out, train = Path(config.train.out), config.train
+    if holds_a_run(out) and not (train.resume or train.overwrite):
+        raise RunDirectoryError(f"{out} holds a previous run; pass --resume (train.resume=true) to continue it, "
+                                "or --overwrite (train.overwrite=true) to delete its outputs and start over, or "
+                                "choose another --out")
+
+
+def prepare_run_directory(config: Config, log: Callable[[str], None] = print) -> str:
+    """Apply the reuse rules to ``config.train.out`` (main process only, after every process
+    passed :func:`check_run_directory`); returns the run id."""
+    out = Path(config.train.out)
+    train = config.train
+    check_run_directory(config)
+    if holds_a_run(out) and not train.resume:
+        log(f"--overwrite: deleting the previous run's outputs in {out}")
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    existing = read_run_id(out)
+    if existing is not None and train.resume:
+        return existing
+    run_id = uuid.uuid4().hex[:12]
+    write_json_atomically(out / RUN_FILE, {"run_id": run_id})
+    return run_id
+
+
+def read_run_id(out: Path) -> str | None:
+    try:
+        return str(json.loads((out / RUN_FILE).read_text(encoding="utf-8"))["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_identity(run_id: str, config: Config) -> dict[str, Any]:
+    """What every checkpoint records about its run (checked by :func:`check_resume`)."""
+    return {"run_id": run_id, "config_hash": config_hash(config), "config": flat_config(config)}
+
+
+def check_resume(extra: Mapping[str, Any], run_id: str | None, config: Config, step: int, checkpoint: Path,
+                 log: Callable[[str], None] = print) -> None:
+    """Refuse to resume another run's checkpoint, a checkpoint past ``train.steps``, or one
+    written under other settings (unless ``train.resume_with_changes``)."""
+    if step > config.train.steps:
+        raise RunDirectoryError(f"{checkpoint} is at step {step}, past train.steps={config.train.steps}; raise "
+                                "--steps to continue, or start a new run")
+    if "run_id" not in extra:
+        log(f"{checkpoint} predates run ids and config hashes: its settings cannot be checked")
+        return
+    if run_id is not None and extra["run_id"] != run_id:
+        raise RunDirectoryError(f"{checkpoint} belongs to run {extra['run_id']}, not to run {run_id} of "
+                                f"{config.train.out}; resume from that run's own directory")
+    if extra.get("config_hash") == config_hash(config):
+        return
+    now = flat_config(config)
+    saved = extra.get("config", {})
+    changed = sorted(key for key in set(now) | set(saved)
+                     if key not in RESUMABLE_CHANGES and now.get(key) != saved.get(key))
+    described = ", ".join(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed[:6])
+    if not config.train.resume_with_changes:
+        raise RunDirectoryError(f"resuming {checkpoint} with other settings than it was trained with ({described}); "
+                                "undo the changes, or pass --train.resume_with_changes true to accept them")
+    log(f"resuming with changed settings, as train.resume_with_changes asks: {described}")
