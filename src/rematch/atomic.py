@@ -73,6 +73,23 @@ def check_replaceable(target: Path, is_ours: Callable[[Path], bool], what: str, 
                                   f"delete) it: {hint}")
 
 
+def check_file_replaceable(target: str | os.PathLike, is_ours: Callable[[Path], bool], what: str,
+                           overwrite: bool = False) -> None:
+    """The file counterpart of :func:`check_replaceable`: ``target`` may be new, or a file that
+    holds ``what`` (``is_ours``); anything else -- the user's own file, a directory, a device --
+    is refused unless ``overwrite`` (a directory or device always)."""
+    target = Path(target)
+    if target.is_dir():
+        raise ReplaceRefusedError(f"{target} is a directory; give the path of a file to write {what} to")
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_file():
+        raise ReplaceRefusedError(f"{target} exists and is not a regular file; refusing to write {what} there")
+    if not overwrite and not is_ours(target):
+        raise ReplaceRefusedError(f"{target} exists and does not hold {what}; refusing to replace it: choose a new "
+                                  "path, or pass --overwrite (overwrite=True) to replace it")
+
+
 def write_directory_atomically(target: Path, write: Callable[[Path], None], *, is_ours: Callable[[Path], bool],
                                what: str, overwrite: bool = False) -> None:
     """Run ``write(tmp_dir)`` then move the finished directory to ``target`` in one rename.

@@ -88,6 +88,12 @@ class ModelConfig:
             raise ConfigError(f"model.pooling must be 'mean' or 'last', got {self.pooling!r}")
         if self.num_tokens == 0 and self.pooling == "mean":
             raise ConfigError("model.num_tokens=0 has no learnable tokens to average: use model.pooling=last")
+        if self.num_tokens >= self.max_sequence_tokens:  # else K alone allocates gigabytes before any check
+            raise ConfigError(f"model.num_tokens ({self.num_tokens}) must be below model.max_sequence_tokens "
+                              f"({self.max_sequence_tokens}): every input carries the K learnable tokens")
+        if self.min_pixels < 0:
+            raise ConfigError(f"model.min_pixels must be >= 0, got {self.min_pixels}")
+        check_seed("model.seed", self.seed, 2**63 - 1)  # torch.Generator's range
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"model.min_pixels ({self.min_pixels}) > model.max_pixels ({self.max_pixels})")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -164,6 +170,26 @@ class LoraSettings:
     dora: bool = False
     target_modules: str | None = None
     """Regex of module names (default: every attention and MLP projection of the language model)."""
+
+    def validate(self) -> None:
+        import re
+
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise ConfigError(f"lora.dropout must be within [0, 1), got {self.dropout}")
+        if self.target_modules is not None:
+            try:
+                re.compile(self.target_modules)
+            except re.error as error:
+                raise ConfigError(f"lora.target_modules is not a valid regular expression: {error}") from None
+
+
+#: LR schedules of transformers' get_scheduler that need no extra arguments and step once per step.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
 
 
 @dataclass
@@ -256,6 +282,19 @@ class Config:
         for name in ("contrastive", "orthogonality", "matching"):
             if not (math.isfinite(getattr(self.loss, name)) and getattr(self.loss, name) >= 0):
                 raise ConfigError(f"loss.{name} must be >= 0")
+        check_seed("train.seed", self.train.seed, 2**32 - 1)  # accelerate's set_seed also seeds NumPy
+        check_seed("data.builtin_seed", self.data.builtin_seed, 2**32 - 1)
+        if self.train.scheduler not in SCHEDULERS:
+            raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.train.scheduler!r}")
+        if self.lora.enabled:  # PEFT checks these only when the model is built, some not at all
+            self.lora.validate()
+
+
+def check_seed(name: str, seed: int, high: int) -> None:
+    """A seed the random generators take: torch and NumPy fail on an out-of-range one with an
+    overflow message that names neither the setting nor the range."""
+    if not 0 <= seed <= high:
+        raise ConfigError(f"{name} must be within 0..{high}, got {seed}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -267,7 +306,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
     config = cls()
     if path is not None:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            try:
+                data = yaml.safe_load(handle) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as error:
+                raise ConfigError(f"{path}: not a valid YAML file ({' '.join(str(error).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level of a config file must be a mapping")
         config = merge_mapping(config, data, where=str(path))
@@ -359,7 +401,11 @@ def _set_dotted(config: Any, dotted: str, raw: Any, where: str, parse_strings: b
             raise ConfigError(f"{where}: unknown key {dotted!r} (known in {section}: {', '.join(sorted(names))})")
         if depth == len(parts) - 1:
             hint = typing.get_type_hints(type(node))[part]
-            value = yaml.safe_load(raw) if parse_strings and isinstance(raw, str) else raw
+            try:
+                value = yaml.safe_load(raw) if parse_strings and isinstance(raw, str) else raw
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{where}: {dotted}={raw!r} is not a valid YAML value "
+                                  f"({' '.join(str(error).split())})") from None
             setattr(node, part, _coerce(value, hint, dotted, where))
         else:
             node = getattr(node, part)

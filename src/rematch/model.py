@@ -50,8 +50,9 @@ class ReMatchModel(nn.Module):
 
     heads_source: str | None = None
     """Where the learnable tokens and projector came from: the directory or hub id they were
-    loaded from, or None when freshly initialised (tiny / from_config / from_backbone).
-    Commands that embed refuse a model with None here unless told to allow it."""
+    loaded from, or None when freshly initialised (tiny / from_config / from_backbone, or a
+    saved model that was never trained, see :meth:`is_untrained`). Commands that embed
+    refuse a model with None here unless told to allow it."""
 
     def __init__(self, backbone: nn.Module, processor, config: ModelConfig):
         super().__init__()
@@ -74,6 +75,7 @@ class ReMatchModel(nn.Module):
             torch.manual_seed(config.seed)
             self.projector = EmbeddingProjector(self.hidden_size, config.projector_layers, typical_norm)
         self.to(embedding_weight.device)
+        self.mark_untrained()
 
     # ------------------------------------------------------------------ construction
 
@@ -145,6 +147,26 @@ class ReMatchModel(nn.Module):
         from rematch.serialization import save_rematch_model
 
         save_rematch_model(self, Path(path), overwrite=overwrite)
+
+    # ------------------------------------------------------------------ trained or not
+
+    def mark_untrained(self) -> None:
+        """Record the current weights as "never trained" (see :meth:`is_untrained`)."""
+        self._untrained_versions = {id(p): (p, p._version) for p in self.parameters()}
+
+    def is_untrained(self) -> bool:
+        """Whether this model is exactly as freshly built: heads not loaded from a trained model
+        (``heads_source`` is None) and no parameter changed in place since it was built.
+
+        Every in-place update (an optimiser step, loading weights into it) bumps a tensor's
+        version counter and LoRA adds new parameters, so this costs no hashing. ``save_pretrained``
+        records it: a saved ``rematch tiny`` model is known as untrained when loaded again, and the
+        commands that embed refuse it unless ``--allow-untrained`` (its heads are as random as ever).
+        """
+        if self.heads_source is not None:
+            return False
+        recorded = getattr(self, "_untrained_versions", {})
+        return all(recorded.get(id(p), (None, -1))[1] == p._version for p in self.parameters())
 
     # ------------------------------------------------------------------ properties
 

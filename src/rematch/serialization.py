@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from rematch.backbones import MODEL_CLASSES, TORCH_DTYPES, load_backbone, load_pretrained_backbone
+from rematch.backbones import MODEL_CLASSES, TORCH_DTYPES, load_backbone, load_pretrained_backbone, load_weights
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
 from rematch.atomic import write_directory_atomically
 from rematch.config import ROLES, ModelConfig, from_dict
@@ -38,6 +38,8 @@ from rematch.hub import ModelNotFoundError, resolve_model_dir
 CONFIG_NAME = "rematch_config.json"
 HEADS_NAME = "rematch_heads.safetensors"
 FORMAT_VERSION = 1
+#: Fields of rematch_config.json that loading reads, with their JSON types.
+META_FIELDS = {"model": dict, "model_type": str, "hidden_size": int}
 
 
 class CheckpointMismatchError(ValueError):
@@ -101,6 +103,7 @@ def save_rematch_model(model, path: Path, overwrite: bool = False) -> None:
         "num_tokens": model.num_tokens,
         "roles": list(ROLES),
         "peft": is_peft,
+        "untrained": model.is_untrained(),  # read back by load_rematch_model: see ReMatchModel.is_untrained
     }
     if is_peft:
         meta["base_fingerprint"] = weights_fingerprint(base_state_dict(backbone.get_base_model()))
@@ -141,12 +144,20 @@ def read_rematch_meta(path: Path) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointMismatchError(f"{config_file}: not valid JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise CheckpointMismatchError(f"{config_file}: expected a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointMismatchError(f"{config_file}: format_version {version!r} is not supported "
                                       f"(this rematch reads version {FORMAT_VERSION})")
+    for key, kind in META_FIELDS.items():  # what loading reads: a KeyError deep inside otherwise
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointMismatchError(f"{config_file}: field {key!r} is missing or not a {kind.__name__} "
+                                          f"(got {value!r}); the file is damaged, copy it again from where "
+                                          "the model was saved")
     return meta
 
 
@@ -180,15 +191,18 @@ def load_rematch_model(cls, spec: str | os.PathLike, expected: Mapping[str, Any]
         model_class = MODEL_CLASSES.get(meta["model_type"])
         if model_class is None:
             raise CheckpointMismatchError(f"{path}: unsupported backbone type {meta['model_type']!r}")
-        backbone = model_class.from_pretrained(path, dtype=TORCH_DTYPES[config.dtype],
-                                               attn_implementation=config.attn_implementation).eval()
+        backbone = load_weights(model_class, path, TORCH_DTYPES[config.dtype], config.attn_implementation,
+                                allow_unexpected=False)
     processor = ImageOnlyQwenVLProcessor.from_pretrained(path)
     model = cls(backbone, processor, config)
     if model.hidden_size != meta["hidden_size"]:
         raise CheckpointMismatchError(f"{path}: {CONFIG_NAME} says hidden size {meta['hidden_size']} but the "
                                       f"backbone has {model.hidden_size}")
     _load_heads(model, path)
-    model.heads_source = os.fspath(spec) + (f"@{revision}" if revision else "")
+    if meta.get("untrained"):  # saved straight after it was built (`rematch tiny`): its heads are random
+        model.mark_untrained()
+    else:
+        model.heads_source = os.fspath(spec) + (f"@{revision}" if revision else "")
     return model
 
 
@@ -202,6 +216,9 @@ def _check_required_files(path: Path, meta: Mapping[str, Any]) -> None:
     required = [HEADS_NAME, "preprocessor_config.json"]
     required += ["adapter_config.json"] if meta.get("peft") else ["config.json"]
     missing = [name for name in required if not (path / name).is_file()]
+    if meta.get("peft") and not any((path / name).is_file() for name in ("adapter_model.safetensors",
+                                                                          "adapter_model.bin")):
+        missing.append("adapter_model.safetensors")
     if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.json")):
         missing.append("tokenizer.json")
     if missing:
@@ -264,8 +281,14 @@ def _check_expectations(path: Path, config: ModelConfig, meta: Mapping[str, Any]
 
 def _load_peft_backbone(path: Path, config: ModelConfig, meta: Mapping[str, Any]):
     from peft import PeftModel
+    from safetensors import SafetensorError
 
-    adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    try:
+        adapter_config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointMismatchError(f"{path / 'adapter_config.json'}: not valid JSON ({error})") from error
+    if not isinstance(adapter_config, dict):
+        raise CheckpointMismatchError(f"{path / 'adapter_config.json'}: expected a JSON object")
     if config.backbone == "tiny":
         base, processor = load_backbone(config)
     else:
@@ -282,14 +305,24 @@ def _load_peft_backbone(path: Path, config: ModelConfig, meta: Mapping[str, Any]
         raise CheckpointMismatchError(
             f"{path}: the LoRA adapter was trained on a different base model than {config.backbone!r} "
             f"(weights fingerprint {fingerprint} != saved {meta['base_fingerprint']})")
-    return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval(), processor
+    try:
+        return PeftModel.from_pretrained(base, str(path), is_trainable=False).eval(), processor
+    except SafetensorError as error:
+        raise CheckpointMismatchError(f"{path}: cannot read the LoRA adapter weights ({error}); the file is damaged "
+                                      "or truncated, copy the model again") from error
 
 
 def _load_heads(model, path: Path) -> None:
+    from safetensors import SafetensorError
+
     heads_file = path / HEADS_NAME
     if not heads_file.is_file():
         raise CheckpointMismatchError(f"{path}: {HEADS_NAME} is missing")
-    tensors = load_file(str(heads_file))
+    try:
+        tensors = load_file(str(heads_file))
+    except SafetensorError as error:
+        raise CheckpointMismatchError(f"{heads_file}: cannot read it ({error}); the file is damaged or truncated, "
+                                      "copy it again from where the model was saved") from error
     expected_shapes = {"query_tokens": tuple(model.query_tokens.shape),
                        "document_tokens": tuple(model.document_tokens.shape)}
     expected_shapes.update({f"projector.{k}": tuple(v.shape) for k, v in model.projector.state_dict().items()})

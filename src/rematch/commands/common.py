@@ -8,14 +8,13 @@ from pathlib import Path
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All rows of a jsonl file; a bad line is a :class:`CorpusError` naming the file and line."""
-    from rematch.retrieval.corpus import json_object
+    """All rows of a jsonl file; a bad line is a :class:`CorpusError` naming the file and line,
+    and a file without any row is one too (it would give an empty result, silently)."""
+    from rematch.retrieval.corpus import CorpusError, iter_jsonl
 
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                rows.append(json_object(line, f"{path} line {number}"))  # CorpusError: one line, via rematch.cli
+    rows = [row for _, row in iter_jsonl(path)]  # CorpusError: one line, via rematch.cli
+    if not rows:
+        raise CorpusError(f"{path}: no rows (the file is empty or blank)")
     return rows
 
 

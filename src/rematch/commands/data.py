@@ -24,7 +24,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from rematch.data.shapes_tasks import write_shapes_dataset
 
     out = write_shapes_dataset(args.out, train_rows=args.train_rows, eval_queries=args.eval_queries, seed=args.seed,
-                               num_candidates=args.candidates, fmt=args.format, image_size=args.image_size)
+                               num_candidates=args.candidates, fmt=args.format, image_size=args.image_size,
+                               overwrite=args.overwrite)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     for subset, counts in manifest["subsets"].items():
         print(f"{subset:<14} {counts['meta_task']:<15} train {counts['train']:>7}  test {counts['test']:>6}")
@@ -53,7 +54,12 @@ def register(sub) -> None:
     synth.add_argument("--train-rows", type=non_negative_int, default=10_000)
     synth.add_argument("--eval-queries", type=non_negative_int, default=200, help="evaluation queries per subset")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--candidates", type=positive_int, default=100, help="candidates per evaluation query")
+    synth.add_argument("--candidates", type=positive_int, default=100,
+                       help="candidates per evaluation query (2 to 1000)")
     synth.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
-    synth.add_argument("--image-size", type=positive_int, default=112, help="side of the square images in pixels")
+    synth.add_argument("--image-size", type=positive_int, default=112,
+                       help="side of the square images in pixels (28 to 2048)")
+    synth.add_argument("--overwrite", action="store_true",
+                       help="replace whatever is in --out (by default only a new or empty directory or an earlier "
+                            "shapes world is replaced)")
     synth.set_defaults(func=cmd_synth)

@@ -7,8 +7,8 @@ so it can be reported. ``--debug`` (or ``REMATCH_DEBUG=1``) shows the traceback 
 
 The project's own error types all derive from ValueError, OSError (FileNotFoundError...)
 or FloatingPointError, and their messages name the file, row and field; the third-party
-families listed here (sqlite, Arrow, zip, pickle, faiss) are what reading a damaged or
-foreign file raises.
+families listed here (sqlite, Arrow, zip, pickle, safetensors, faiss) are what reading a
+damaged or foreign file raises.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
         types.append(torch.OutOfMemoryError)
     except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    try:  # a damaged .safetensors file (the loaders name the file; this catches any other reader)
+        from safetensors import SafetensorError
+
+        types.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
         pass
     return tuple(types)
 

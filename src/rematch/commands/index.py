@@ -21,8 +21,9 @@ def _model_source(spec: str) -> str:
 def cmd_build(args: argparse.Namespace) -> int:
     from rematch.commands.loading import load_model
     from rematch.retrieval.corpus import read_corpus
-    from rematch.retrieval.index import build_index
+    from rematch.retrieval.index import IndexSpec, build_index
 
+    IndexSpec(index_type=args.index_type, nlist=args.nlist, hnsw_m=args.hnsw_m).validate()  # before any work
     corpus = read_corpus(args.corpus, args.image_root, instruction=args.instruction)
     print(f"read {len(corpus)} items from {args.corpus}")
     model = load_model(args.model, args.device, allow_untrained=args.allow_untrained)

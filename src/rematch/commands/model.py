@@ -23,19 +23,39 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_npy_file(path: Path) -> bool:
+    """Whether ``path`` holds a NumPy array (its magic bytes): what ``encode`` may replace."""
+    with open(path, "rb") as handle:
+        return handle.read(6) == b"\x93NUMPY"
+
+
+def check_npy_output(path: str, overwrite: bool) -> Path:
+    """``--out`` of ``encode``, checked before any work: a ``.npy`` path (``np.save`` would add the
+    suffix itself, so the array landed next to where the message said) that is new or an array."""
+    from rematch.atomic import check_file_replaceable
+
+    out = Path(path)
+    check_file_replaceable(out, is_npy_file, "a .npy array", overwrite=overwrite)
+    if out.suffix != ".npy" or out.name == ".npy":
+        raise ValueError(f"--out {path}: embeddings are written as a NumPy array; give a path ending in .npy")
+    return out
+
+
 @user_errors
 def cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from rematch.atomic import write_atomically
     from rematch.commands.loading import load_model
     from rematch.data.items import as_items
 
+    out = check_npy_output(args.out, args.overwrite)
     where = f"{args.input} row"
     items = as_items(read_jsonl(args.input), where=where)
     model = load_model(args.model, args.device, allow_untrained=args.allow_untrained)
     vectors = model.encode(items, role=args.role, batch_size=args.batch_size, show_progress=True, where=where)
-    np.save(args.out, vectors)
-    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {args.out}")
+    write_atomically(out, lambda handle: np.save(handle, vectors))  # a crash never leaves half an array
+    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {out}")
     return 0
 
 
@@ -80,6 +100,8 @@ def register(sub) -> None:
     encode.add_argument("--role", default="query", choices=["query", "document"])
     encode.add_argument("--out", required=True, help="output .npy path")
     encode.add_argument("--batch-size", type=positive_int, default=16)
+    encode.add_argument("--overwrite", action="store_true",
+                        help="replace whatever file is at --out (by default only a .npy array is replaced)")
     add_model_loading_flags(encode)
     encode.set_defaults(func=cmd_encode)
 

@@ -157,8 +157,9 @@ def check_dataset(root: str | os.PathLike, image_root: str | os.PathLike | None 
                                  strip_orphan_placeholders=strip_orphan_placeholders, max_examples=max_examples)
                for source in _subsets(root, split, str(image_root) if image_root is not None else None)]
     if not results:
-        raise FileNotFoundError(f"{root}: no subsets found (expected {root}/<Subset>/<split>.jsonl, .parquet or "
-                                ".csv)")
+        wanted = "<split>" if split == "all" else split
+        raise FileNotFoundError(f"{root}: no subsets found{'' if split == 'all' else f' for split {split!r}'} "
+                                f"(expected {root}/<Subset>/{wanted}.jsonl, .parquet or .csv)")
     return results
 
 

@@ -122,12 +122,13 @@ def load_image_for_model(source: str | os.PathLike | Image.Image, min_pixels: in
     """Open, convert and resize an image to the exact size the vision tower will see."""
     image = open_image(source, where, draft_pixels=max_pixels)
     width, height = image.size
+    file = f" ({source})" if isinstance(source, (str, os.PathLike)) else ""  # which file, in a row of several
     try:
         new_h, new_w = target_size(height, width, min_pixels, max_pixels)
     except ValueError as error:
-        raise ImageLoadError(f"{where}: unusable image size {width} x {height}: {error}") from error
+        raise ImageLoadError(f"{where}: unusable image size {width} x {height}{file}: {error}") from error
     if max(new_h, new_w) / min(new_h, new_w) > MAX_ASPECT_RATIO:  # rounding to 28 px can stretch it
-        raise ImageLoadError(f"{where}: unusable image size {width} x {height}: resized to {new_w} x {new_h}, "
+        raise ImageLoadError(f"{where}: unusable image size {width} x {height}{file}: resized to {new_w} x {new_h}, "
                              f"an aspect ratio over {MAX_ASPECT_RATIO}")
     if (new_w, new_h) != (width, height):
         # reducing_gap lets PIL downsample huge images in cheap integer steps first.

@@ -77,6 +77,8 @@ def as_item(value: ItemLike, index: int = 0, where: str = "item") -> Item:
     if item.image is not None and not isinstance(item.image, (str, os.PathLike, Image.Image)):
         raise ItemError(f"{where} {index}: field 'image' must be a path or a PIL image, "
                         f"got {type(item.image).__name__}")
+    for name in ("text", "instruction", "image"):
+        _check_encodable(getattr(item, name), f"{where} {index}: field {name!r}")
     if isinstance(item.image, str) and not item.image.strip():
         item = Item(text=item.text, image=None, instruction=item.instruction)
     has_text = bool(item.text and IMAGE_PLACEHOLDER.sub("", item.text).strip())
@@ -89,6 +91,17 @@ def as_item(value: ItemLike, index: int = 0, where: str = "item") -> Item:
     if placeholders == 1 and item.image is None:
         raise ItemError(f"{where} {index}: field 'text' has an image placeholder but the item has no image")
     return item
+
+
+def _check_encodable(value: Any, where: str) -> None:
+    """A string the tokenizer (and a JSON or UTF-8 writer) can take: JSON's ``"\\ud800"`` escape
+    decodes to a lone surrogate, which crashed deep inside the tokenizer with a traceback."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ItemError(f"{where} holds an invalid character ({error.object[error.start]!r} at position "
+                            f"{error.start}: a lone UTF-16 surrogate); fix the text's encoding") from None
 
 
 def as_items(values: Iterable[ItemLike], where: str = "item") -> list[Item]:

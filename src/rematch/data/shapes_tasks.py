@@ -560,9 +560,17 @@ def _check_tasks(tasks: Sequence[str] | None) -> list[str]:
 # ====================================================================== writing to disk
 
 
+#: Bounds of write_shapes_dataset's sizes: MMEB ranks 1,000 candidates per query; an image side
+#: below one 28-pixel Qwen-VL patch cannot be drawn legibly, one above 2,048 only costs memory.
+MAX_CANDIDATES = 1000
+IMAGE_SIZE_RANGE = (28, 2048)
+GENERATOR = "rematch shapes world"
+
+
 def write_shapes_dataset(out_dir: str | os.PathLike, train_rows: int, eval_queries: int, seed: int = 0,
                          num_candidates: int = 100, fmt: str = "jsonl", image_size: int = 112,
-                         tasks: Sequence[str] | None = None, row_group_size: int = 1024) -> Path:
+                         tasks: Sequence[str] | None = None, row_group_size: int = 1024,
+                         overwrite: bool = False) -> Path:
     """Write the shapes world in MMEB layout and return ``out_dir``::
 
         OUT/<Subset>/train.jsonl|parquet   MMEB-train schema (+ scene-graph columns)
@@ -571,12 +579,51 @@ def write_shapes_dataset(out_dir: str | os.PathLike, train_rows: int, eval_queri
         OUT/manifest.json                  what was generated, with which settings
 
     Image paths in rows are relative to OUT, so ``OUT`` is both the data root and the image root.
+    ``OUT`` is written as a whole (a temporary sibling renamed into place): it must be new, empty
+    or an earlier shapes world, which is replaced; a folder of anything else is refused unless
+    ``overwrite`` (writing into it overwrote files such as a ``manifest.json`` of the user's).
     """
+    from rematch.atomic import check_replaceable, write_directory_atomically
+
+    check_shapes_sizes(train_rows, eval_queries, num_candidates, image_size, fmt)
+    tasks = _check_tasks(tasks)
+    target = Path(out_dir).absolute()  # "." has no name to write a sibling under
+    what = "a shapes world (rematch data synth)"
+    check_replaceable(target, _is_shapes_world, what, overwrite)  # before the work, not after it
+    write_directory_atomically(target, partial(_write_world, train_rows=train_rows, eval_queries=eval_queries,
+                                               seed=seed, num_candidates=num_candidates, fmt=fmt,
+                                               image_size=image_size, tasks=tasks, row_group_size=row_group_size),
+                               is_ours=_is_shapes_world, what=what, overwrite=overwrite)
+    return Path(out_dir)
+
+
+def check_shapes_sizes(train_rows: int, eval_queries: int, num_candidates: int, image_size: int,
+                       fmt: str = "jsonl") -> None:
+    """Refuse sizes that cannot make a usable world, before anything is generated."""
     if fmt not in ("jsonl", "parquet"):
         raise ValueError(f"fmt must be 'jsonl' or 'parquet', got {fmt!r}")
+    for name, value in (("train_rows", train_rows), ("eval_queries", eval_queries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if train_rows == 0 and eval_queries == 0:
+        raise ValueError("train_rows and eval_queries are both 0: the world would be empty")
+    if eval_queries and not 2 <= num_candidates <= MAX_CANDIDATES:
+        raise ValueError(f"num_candidates (--candidates) must be within 2..{MAX_CANDIDATES}, got {num_candidates!r}")
+    low, high = IMAGE_SIZE_RANGE
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not low <= image_size <= high:
+        raise ValueError(f"image_size (--image-size) must be within {low}..{high} pixels, got {image_size!r}")
+
+
+def _is_shapes_world(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "manifest.json").read_text(encoding="utf-8")).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_world(out: Path, *, train_rows: int, eval_queries: int, seed: int, num_candidates: int, fmt: str,
+                 image_size: int, tasks: list[str], row_group_size: int) -> None:
     start = time.perf_counter()
-    out = Path(out_dir)
-    tasks = _check_tasks(tasks)
     train = generate_train_rows(train_rows, seed, tasks) if train_rows > 0 else ShapesSplit()
     evaluation = ShapesSplit()
     if eval_queries > 0:
@@ -589,14 +636,13 @@ def write_shapes_dataset(out_dir: str | os.PathLike, train_rows: int, eval_queri
     images = {**train.images, **evaluation.images}
     _render_images(out, images, image_size)
     manifest = {
-        "generator": "rematch shapes world", "version": 1, "seed": seed, "train_rows": train_rows,
+        "generator": GENERATOR, "version": 1, "seed": seed, "train_rows": train_rows,
         "eval_queries": eval_queries, "num_candidates": num_candidates, "format": fmt, "image_size": image_size,
         "subsets": {task: {"meta_task": TASKS[task], "train": len(train.rows.get(task, [])),
                            "test": len(evaluation.rows.get(task, []))} for task in tasks},
         "images": len(images), "seconds": round(time.perf_counter() - start, 2),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return out
 
 
 def _write_rows(path: Path, rows: list[dict], fmt: str, row_group_size: int) -> None:

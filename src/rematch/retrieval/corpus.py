@@ -18,9 +18,12 @@ fails in seconds rather than hours into encoding; errors name the file, line and
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from rematch.data.items import Item, ItemError, as_item
 
@@ -38,9 +41,52 @@ def json_object(line: str, where: str) -> dict:
         row = json.loads(line)
     except json.JSONDecodeError as error:
         raise CorpusError(f"{where}: not valid JSON ({error})") from error
+    except RecursionError:  # "[[[[...": the parser recurses once per level
+        raise CorpusError(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(row, dict):
         raise CorpusError(f"{where}: expected a JSON object, got {type(row).__name__}")
     return row
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path if it is a regular file (symlinks followed), else a clear error.
+
+    A FIFO or a device (``/dev/zero``) named as an input would block forever or be read
+    until memory runs out; a directory or a symlink loop fails with a message about
+    something else. ``open`` is never reached for those.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what}") from None
+    except OSError as error:  # a symlink loop, a path through a file, no permission
+        raise CorpusError(f"{path}: cannot open the {what}: {error.strerror or error}") from error
+    if stat.S_ISDIR(mode):
+        raise CorpusError(f"{path} is a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        raise CorpusError(f"{path} is not a regular file (a FIFO, socket or device?); give a {what}")
+    return path
+
+
+def iter_jsonl(path: str | os.PathLike, what: str = "jsonl file") -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` for every non-blank line of a jsonl file (errors say "FILE line N").
+
+    Lines are decoded one by one, so a file that is not UTF-8 text (a binary, UTF-16) is an
+    error naming its line rather than a bare codec message; a UTF-8 byte-order mark, as
+    some editors write, is accepted.
+    """
+    path = check_regular_file(path, what)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise CorpusError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                                  "jsonl files must be UTF-8") from None
+            if line.strip():
+                yield number, json_object(line, where)
 
 
 @dataclass
@@ -80,6 +126,8 @@ def read_corpus(path: str | os.PathLike, image_root: str | os.PathLike | None = 
                 corpus.extend(read_jsonl_items(file, image_root, instruction))
         else:
             corpus = read_image_directory(path, instruction)
+    elif path.exists() or path.is_symlink():  # a FIFO, a device, a broken link: check_regular_file says which
+        corpus = read_jsonl_items(path, image_root, instruction)
     else:
         raise CorpusError(f"{path}: no such file or directory")
     if not corpus.ids:
@@ -94,34 +142,47 @@ def read_jsonl_items(path: str | os.PathLike, image_root: str | os.PathLike | No
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     corpus = Corpus()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            row = json_object(line, where)
-            if "id" not in row or row["id"] is None or isinstance(row["id"], (dict, list, bool)):
-                raise CorpusError(f"{where}: field 'id' is missing or not a string/number")
-            fields = {key: row[key] for key in ITEM_FIELDS if row.get(key) is not None}
-            if instruction is not None:
-                fields.setdefault("instruction", instruction)
-            image = fields.get("image")
-            if image is not None:
-                if not isinstance(image, str):
-                    raise CorpusError(f"{where}: field 'image' must be a path string")
-                resolved = Path(os.path.abspath(image if os.path.isabs(image) else root / image))
-                if not resolved.is_file():
-                    raise CorpusError(f"{where}: field 'image': image file not found: {resolved}")
-                fields["image"] = str(resolved)
-            try:
-                item = as_item(fields, number, f"{path} line")
-            except ItemError as error:
-                raise CorpusError(str(error)) from error
-            corpus.ids.append(str(row["id"]))
-            corpus.items.append(item)
-            corpus.metadata.append({k: v for k, v in row.items() if k not in ITEM_FIELDS and k != "id"})
-            corpus.sources.append(where)
+    for number, row in iter_jsonl(path):
+        where = f"{path} line {number}"
+        row_id = row.get("id")
+        if row_id is None or isinstance(row_id, (dict, list, bool)) or (
+                isinstance(row_id, float) and not math.isfinite(row_id)):
+            raise CorpusError(f"{where}: field 'id' is missing or not a string/number")
+        fields = {key: row[key] for key in ITEM_FIELDS if row.get(key) is not None}
+        if instruction is not None:
+            fields.setdefault("instruction", instruction)
+        image = fields.get("image")
+        if image is not None:
+            if not isinstance(image, str):
+                raise CorpusError(f"{where}: field 'image' must be a path string")
+            resolved = Path(os.path.abspath(image if os.path.isabs(image) else root / image))
+            if not resolved.is_file():
+                raise CorpusError(f"{where}: field 'image': image file not found: {resolved}")
+            fields["image"] = str(resolved)
+        try:
+            item = as_item(fields, number, f"{path} line")
+        except ItemError as error:
+            raise CorpusError(str(error)) from error
+        metadata = {k: v for k, v in row.items() if k not in ITEM_FIELDS and k != "id"}
+        _check_finite(metadata, where)
+        corpus.ids.append(str(row_id))
+        corpus.items.append(item)
+        corpus.metadata.append(metadata)
+        corpus.sources.append(where)
     return corpus
+
+
+def _check_finite(value, where: str, name: str = "") -> None:
+    """Metadata is stored in the index and returned with hits as JSON: a NaN would be written as
+    the non-standard token ``NaN`` that strict JSON readers refuse, far from where it came from."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CorpusError(f"{where}: field {name!r} is {value}, which JSON cannot hold; use null or a number")
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _check_finite(sub, where, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, list):
+        for position, sub in enumerate(value):
+            _check_finite(sub, where, f"{name}[{position}]")
 
 
 def read_image_directory(path: str | os.PathLike, instruction: str | None = None) -> Corpus:

@@ -43,6 +43,7 @@ from rematch.retrieval.rerank import check_rerank, rerank
 FORMAT_VERSION = 1
 INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, SHARDS_DIR = "index.faiss", "items.jsonl", "manifest.json", "shards"
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+MAX_HNSW_M = 512
 _OWN_ENTRIES = {INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, SHARDS_DIR}
 _RESERVED_FIELDS = {"id", "text", "image", "instruction", "image_in_memory"}
 
@@ -89,6 +90,8 @@ class IndexSpec:
         for name in ("hnsw_m", "nprobe", "ef_search"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.hnsw_m > MAX_HNSW_M:  # FAISS allocates 2*M links per node up front: M=1e8 exhausts memory
+            raise ValueError(f"hnsw_m (--hnsw-m) must be <= {MAX_HNSW_M}, got {self.hnsw_m} (16 to 64 is usual)")
         if self.nlist is not None and self.nlist < 1:
             raise ValueError("nlist must be >= 1")
 
@@ -163,6 +166,10 @@ class Index:
         if faiss_index.ntotal != count or len(records) != count or faiss_index.d != dimension:
             raise IndexFormatError(f"{path}: manifest says {count} x {dimension} but the files hold "
                                    f"{faiss_index.ntotal} vectors of size {faiss_index.d} and {len(records)} items")
+        kind = faiss_index_type(faiss_index)
+        if kind != manifest["index_type"]:
+            raise IndexFormatError(f"{path}: manifest says index_type {manifest['index_type']!r} but {INDEX_FILE} "
+                                   f"holds a {kind!r} index; rebuild the index")
         index = cls(faiss_index, records, manifest)
         if model is not None:
             index.attach(model)
@@ -288,6 +295,17 @@ class Index:
         return [SearchHit(hit.id, hit.score, rank, hit.metadata) for rank, hit in enumerate(reordered, start=1)]
 
 
+def faiss_index_type(faiss_index) -> str:
+    """Which of :data:`INDEX_TYPES` a FAISS index object is (the manifest must say the same)."""
+    import faiss
+
+    if isinstance(faiss_index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(faiss_index, faiss.IndexIVF):
+        return "ivf"
+    return "flat" if isinstance(faiss_index, faiss.IndexFlat) else type(faiss_index).__name__
+
+
 def open_index(path: str | os.PathLike, model_spec: str | None = None, device: str | None = None,
                verify: bool = True) -> Index:
     """Load an index with a model ready to search it: ``model_spec`` (a directory, hub id or
@@ -399,10 +417,36 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise IndexFormatError(f"{file}: not valid JSON ({error})") from error
+    if not isinstance(manifest, dict):
+        raise IndexFormatError(f"{file}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise IndexFormatError(f"{file}: format_version {manifest.get('format_version')!r} is not supported "
                                f"(this rematch reads {FORMAT_VERSION})")
+    _check_manifest_fields(file, manifest)
     return manifest
+
+
+#: What loading and searching read from manifest.json, with their JSON types.
+MANIFEST_FIELDS = {"model_fingerprint": str, "dimension": int, "index_type": str, "index_params": dict, "count": int,
+                   "files": dict, "content_hash": str}
+
+
+def _check_manifest_fields(file: Path, manifest: dict) -> None:
+    """Every field the index is read with, of the right type: an edited or damaged manifest is
+    an error naming the field here, not a KeyError or a wrong search parameter later."""
+    for key, kind in MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise IndexFormatError(f"{file}: field {key!r} is missing or not a {kind.__name__} (got {value!r}); "
+                                   "the manifest is damaged, rebuild the index")
+    if manifest["index_type"] not in INDEX_TYPES:
+        raise IndexFormatError(f"{file}: index_type {manifest['index_type']!r} is not one of {INDEX_TYPES}")
+    if sorted(manifest["files"]) != sorted((INDEX_FILE, ITEMS_FILE)) or not all(
+            isinstance(size, int) and size >= 0 for size in manifest["files"].values()):
+        raise IndexFormatError(f"{file}: field 'files' must give the sizes of {INDEX_FILE} and {ITEMS_FILE}")
+    source = manifest.get("model_source")
+    if source is not None and not isinstance(source, str):
+        raise IndexFormatError(f"{file}: field 'model_source' must be a string or null, got {source!r}")
 
 
 def _check_replaceable(path: Path) -> None:
