@@ -415,3 +415,9 @@ def test_results_of_another_model_in_the_output_directory_are_refused_or_removed
         check_output_directory(tmp_path, "fp")
     check_output_directory(tmp_path, "fp", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Same.json", "notes.json"]
+
+
+def test_comparing_with_a_file_that_is_not_a_summary_is_a_clear_error(tmp_path):
+    (tmp_path / "summary.json").write_text("[]")
+    with pytest.raises(ValueError, match="not an `rematch eval mmeb` summary"):
+        load_summary(tmp_path)

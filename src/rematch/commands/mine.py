@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from rematch.commands.common import non_negative_int, positive_int
 from rematch.commands.evaluate import user_errors
 from rematch.commands.loading import add_model_loading_flags, load_model
 
@@ -81,16 +82,16 @@ def register(sub) -> None:
     mine.add_argument("--image-root", default=None, help="directory image paths are relative to (default: ROOT)")
     mine.add_argument("--rank-window", type=_rank_window, default=(5, 30), metavar="A:B",
                       help="candidate ranks A..B (1-based, after removing the positive) to draw from (default 5:30)")
-    mine.add_argument("--per-row", type=int, default=1, help="negatives per row (lists when > 1; default 1)")
+    mine.add_argument("--per-row", type=positive_int, default=1, help="negatives per row (lists when > 1; default 1)")
     mine.add_argument("--max-ratio", type=_max_ratio, default=0.95,
                       help="drop candidates scoring above this x the positive's score ('none': no ceiling; "
                            "default 0.95)")
-    mine.add_argument("--seed", type=int, default=0, help="seed of the per-row draw")
+    mine.add_argument("--seed", type=non_negative_int, default=0, help="seed of the per-row draw")
     mine.add_argument("--random", action="store_true",
                       help="random negatives (uniform among non-duplicate targets) instead of mined ones: the "
                            "control; --model is then optional and only used for the report's similarities")
-    mine.add_argument("--batch-size", type=int, default=16)
-    mine.add_argument("--shard-size", type=int, default=2048, help="items per cached embedding shard")
+    mine.add_argument("--batch-size", type=positive_int, default=16)
+    mine.add_argument("--shard-size", type=positive_int, default=2048, help="items per cached embedding shard")
     mine.add_argument("--skip-bad", action="store_true", help="leave bad rows out (counted) instead of stopping")
     mine.add_argument("--strip-orphan-placeholders", action="store_true",
                       help="drop (and count) an image placeholder in a text whose row has no image")

@@ -245,6 +245,10 @@ def load_summary(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no summary.json (is {run_dir} an `rematch eval mmeb` output directory?)")
     summary = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(summary, dict) or not isinstance(summary.get("subsets", {}), dict) \
+            or not isinstance(summary.get("groups", {}), dict):
+        raise ValueError(f"{path}: not an `rematch eval mmeb` summary (expected a JSON object with 'subsets' and "
+                         "'groups' objects)")
     if "tie_rule" not in summary:  # every summary written since the rule change has the key
         summary["tie_rule"] = LEGACY_TIE_RULE
         for table in (summary.get("subsets", {}), summary.get("groups", {})):
