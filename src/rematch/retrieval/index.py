@@ -471,7 +471,7 @@ def shard_hash(ids: Sequence[str], items: Sequence[Item]) -> str:
     return digest.hexdigest()
 
 
-def _load_finished_shard(file: Path, fingerprint: str, expected_hash: str, count: int) -> np.ndarray | None:
+def load_finished_shard(file: Path, fingerprint: str, expected_hash: str, count: int) -> np.ndarray | None:
     """The shard's vectors if the file is a finished shard of this content and model, else None."""
     if not file.is_file():
         return None
@@ -527,7 +527,7 @@ def build_index(model, items: Sequence[ItemLike], ids: Sequence[str], out_dir: s
     dimension = None
     for number, ((start, stop), file) in enumerate(zip(bounds, files)):
         expected = shard_hash(ids[start:stop], items[start:stop])
-        vectors = _load_finished_shard(file, fingerprint, expected, stop - start)
+        vectors = load_finished_shard(file, fingerprint, expected, stop - start)
         if vectors is not None:
             reused += 1
         else:

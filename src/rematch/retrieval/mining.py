@@ -56,7 +56,7 @@ from rematch.data.mmeb import RowParser, SubsetSource, find_subsets
 from rematch.data.records import TrainExample
 from rematch.data.validation import BadRowReport, DataError
 from rematch.instructions import document_items
-from rematch.retrieval.index import shard_hash
+from rematch.retrieval.index import load_finished_shard, shard_hash
 
 FORMAT_VERSION = 1
 STATE_DIR = ".mining"
@@ -247,7 +247,7 @@ def encode_in_shards(model, items: Sequence[Item], role: str, directory: Path, *
     for number, (start, stop) in enumerate(bounds):
         file = directory / f"{role}-{number:06d}.npz"
         expected = shard_hash([f"{role}/{i}" for i in range(start, stop)], items[start:stop])
-        vectors = _finished_shard(file, fingerprint, expected, stop - start)
+        vectors = load_finished_shard(file, fingerprint, expected, stop - start)
         if vectors is None:
             vectors = np.asarray(model.encode(items[start:stop], role=role, batch_size=batch_size,
                                               show_progress=show_progress), dtype=np.float32)
@@ -260,21 +260,6 @@ def encode_in_shards(model, items: Sequence[Item], role: str, directory: Path, *
                 on_shard_done(role, number, len(bounds))
         chunks.append(vectors)
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32), encoded
-
-
-def _finished_shard(file: Path, fingerprint: str, expected_hash: str, count: int) -> np.ndarray | None:
-    if not file.is_file():
-        return None
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            if str(data["fingerprint"]) != fingerprint or str(data["content_hash"]) != expected_hash:
-                return None
-            vectors = data["vectors"]
-    except (OSError, ValueError, KeyError):
-        return None  # unreadable: encode it again
-    if vectors.shape[0] != count or not np.isfinite(vectors).all():
-        return None
-    return vectors
 
 
 # ====================================================================== choosing negatives
