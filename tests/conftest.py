@@ -115,3 +115,19 @@ def image_files(tmp_path, shape_images) -> dict[str, str]:
     paths["corrupt"] = tmp_path / "corrupt.png"
     paths["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture()
+def cli_error(capsys):
+    """Run ``rematch ARGV`` in this process; assert it failed as a user error (exit 1, one line
+    ``rematch: error: ...``, no traceback) and return that line."""
+    from rematch.cli import main
+
+    def run(argv) -> str:
+        capsys.readouterr()
+        status = main([str(arg) for arg in argv])
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert status == 1 and lines and lines[-1].startswith("rematch: error: "), (status, lines)
+        return lines[-1]
+
+    return run

@@ -106,6 +106,8 @@ def test_saving_over_a_saved_model_replaces_it(tmp_path, saved_model):
      "--shard-size"),
     (["index", "build", "--model", "{model}", "--corpus", "{items}", "--out", "{out}", "--hnsw-m", "-1"], "--hnsw-m"),
     (["tiny", "--out", "{out}", "--k", "-2"], "--k"),
+    (["mine", "--random", "--data", "{items}", "--out", "{out}", "--max-ratio", "nan"], "--max-ratio"),
+    (["mine", "--random", "--data", "{items}", "--out", "{out}", "--max-ratio", "-1"], "--max-ratio"),
 ])
 def test_numeric_flags_are_validated_at_the_boundary(tmp_path, saved_model, args, flag):
     items = tmp_path / "items.jsonl"

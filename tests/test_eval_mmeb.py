@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import numpy as np
@@ -259,7 +260,7 @@ def write_mmeb_eval_file(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def test_cli_reads_mmeb_eval_files_and_compares_runs(tmp_path, pictures, capsys):
+def test_cli_reads_mmeb_eval_files_and_compares_runs(tmp_path, pictures, capsys, cli_error):
     pytest.importorskip("rematch.data.mmeb")
     root = tmp_path / "mmeb"
     image = os.path.relpath(pictures[0], root)
@@ -276,9 +277,9 @@ def test_cli_reads_mmeb_eval_files_and_compares_runs(tmp_path, pictures, capsys)
     write_mmeb_eval_file(root / "GQA" / "test.jsonl", rows)
     out, cache = tmp_path / "run", tmp_path / "cache"
 
-    with pytest.raises(SystemExit, match=r"GQA.*row 2.*qry_img_path"):
-        main(["eval", "mmeb", "--model", "tiny", "--allow-untrained", "--data", str(root), "--out", str(out),
-              "--cache-dir", str(cache)])
+    error = cli_error(["eval", "mmeb", "--model", "tiny", "--allow-untrained", "--data", str(root), "--out", str(out),
+                       "--cache-dir", str(cache)])
+    assert re.search(r"GQA.*row 2.*qry_img_path", error), error
     assert main(["eval", "mmeb", "--model", "tiny", "--allow-untrained", "--data", str(root), "--out", str(out),
                  "--cache-dir", str(cache), "--skip-bad"]) == 0
     printed = capsys.readouterr().out
@@ -421,3 +422,33 @@ def test_comparing_with_a_file_that_is_not_a_summary_is_a_clear_error(tmp_path):
     (tmp_path / "summary.json").write_text("[]")
     with pytest.raises(ValueError, match="not an `rematch eval mmeb` summary"):
         load_summary(tmp_path)
+
+
+def test_a_corrupt_image_is_named_by_its_row_or_skipped_with_it(tmp_path, pictures, capsys, cli_error):
+    """A file that exists but does not decode: without --skip-bad the error names the first row
+    using it (not the deduplicated item index); with --skip-bad every row using it is skipped
+    and counted, and the others are scored."""
+    root = tmp_path / "mmeb"
+    broken = root / "images" / "broken.png"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(open(pictures[0], "rb").read()[:80])  # a truncated PNG
+    good = os.path.relpath(pictures[1], root)
+    placeholder = "<|image_1|> Represent the given image."
+    rows = [{"qry_text": f"question {n}", "qry_img_path": "", "tgt_text": [placeholder, "a label"],
+             "tgt_img_path": [good, ""]} for n in range(2)]
+    rows[1:1] = [{"qry_text": "question b", "qry_img_path": "", "tgt_text": ["a label", placeholder],
+                  "tgt_img_path": ["", "images/broken.png"]}] * 2  # rows 1 and 2 use the broken file
+    write_mmeb_eval_file(root / "GQA" / "test.jsonl", rows)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["eval", "mmeb", "--model", "tiny", "--allow-untrained", "--data", str(root), "--out", str(out),
+              "--cache-dir", str(cache), "--no-plot"]
+
+    error = cli_error(common)
+    assert "test.jsonl row 1" in error and "broken.png" in error, error
+    assert "--skip-bad" in error
+    assert not (out / "summary.json").exists()
+
+    assert main(common + ["--skip-bad"]) == 0
+    assert "2 bad row(s) skipped" in capsys.readouterr().out
+    subset = load_summary(out)["subsets"]["GQA"]
+    assert subset["count"] == 2 and subset["skipped_rows"] == 2

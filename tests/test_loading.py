@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_local_and_hub_specs_are_told_apart(tmp_path, monkeypatch):
         assert not is_local_spec(hub), hub
 
 
-def test_a_typo_in_a_local_path_fails_at_once_naming_it(tmp_path, monkeypatch):
+def test_a_typo_in_a_local_path_fails_at_once_naming_it(tmp_path, monkeypatch, cli_error):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a hub lookup would be tried (and be slow) if the rule were wrong
@@ -115,8 +116,8 @@ def test_a_typo_in_a_local_path_fails_at_once_naming_it(tmp_path, monkeypatch):
         resolve_model_dir("modle")
     with pytest.raises(ModelNotFoundError, match="no model directory at"):
         ReMatchModel.from_pretrained(tmp_path / "nowhere" / "model")
-    with pytest.raises(SystemExit, match=r"^rematch: error: no model directory at runs/demo/modle"):
-        main(["eval", "mmeb", "--model", "runs/demo/modle", "--data", "data", "--out", "eval"])
+    assert cli_error(["eval", "mmeb", "--model", "runs/demo/modle", "--data", "data", "--out", "eval"]).startswith(
+        "rematch: error: no model directory at runs/demo/modle")
 
 
 # ---------------------------------------------------------------------------- heads are never silently random
@@ -183,10 +184,10 @@ def commands(files: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("command", ["encode", "index build", "search", "eval mmeb", "eval retrieval"])
-def test_commands_that_embed_refuse_untrained_heads(command, command_inputs):
-    with pytest.raises(SystemExit, match=r"^rematch: error: model 'tiny' has untrained, randomly initialised "
-                                         r"ReMatch heads.*--allow-untrained"):
-        main(commands(command_inputs)[command])
+def test_commands_that_embed_refuse_untrained_heads(command, command_inputs, cli_error):
+    error = cli_error(commands(command_inputs)[command])
+    assert re.match(r"^rematch: error: model 'tiny' has untrained, randomly initialised ReMatch heads.*--allow-untrained",
+                    error), error
 
 
 def test_allow_untrained_lets_the_commands_run(command_inputs, capsys):
@@ -226,13 +227,13 @@ def test_a_hub_id_loads_the_saved_model_from_the_cache(tmp_path, offline_hub, ca
         ReMatchModel.from_pretrained("org/missing")
 
 
-def test_a_bare_backbone_by_hub_id_is_refused_too(tmp_path, offline_hub):
+def test_a_bare_backbone_by_hub_id_is_refused_too(tmp_path, offline_hub, cli_error):
     save_bare_backbone(tmp_path / "backbone")
     put_in_hub_cache(offline_hub, "org/backbone", tmp_path / "backbone")
     with pytest.raises(NotAReMatchModelError, match=r"org/backbone \(.*\) is a bare backbone"):
         ReMatchModel.from_pretrained("org/backbone")
-    with pytest.raises(SystemExit, match=r"^rematch: error: org/backbone .* is a bare backbone"):
-        main(["eval", "mmeb", "--model", "org/backbone", "--data", str(tmp_path), "--out", str(tmp_path / "e")])
+    error = cli_error(["eval", "mmeb", "--model", "org/backbone", "--data", str(tmp_path), "--out", str(tmp_path / "e")])
+    assert re.match(r"^rematch: error: org/backbone .* is a bare backbone", error), error
     fresh = ReMatchModel.from_pretrained("org/backbone", new_heads=True, k=2, **SMALL)
     assert fresh.config.backbone == "org/backbone" and fresh.heads_source is None
     pinned = ReMatchModel.from_pretrained("org/backbone", revision=COMMIT, new_heads=True, k=2, **SMALL)

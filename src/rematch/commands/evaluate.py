@@ -6,33 +6,9 @@ Both run on one process or under ``torchrun`` (each rank encodes a shard; rank 0
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 
 from rematch.commands.common import non_negative_int, positive_int
-
-
-def user_errors(handler):
-    """Turn errors about the user's input (bad rows, missing files, wrong model...) into a one-line exit."""
-
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        from rematch.commands.loading import UntrainedModelError
-        from rematch.data.items import ItemError
-        from rematch.data.validation import DataError
-        from rematch.evaluation.mmeb import EvalDataError
-        from rematch.retrieval.corpus import CorpusError
-        from rematch.retrieval.index import IndexFormatError, ModelMismatchError
-        from rematch.serialization import CheckpointMismatchError
-
-        try:
-            return handler(args)
-        except (NotImplementedError, FileNotFoundError, FileExistsError, ItemError, DataError, EvalDataError,
-                CorpusError, IndexFormatError, ModelMismatchError, CheckpointMismatchError,
-                UntrainedModelError) as error:
-            raise SystemExit(f"rematch: error: {error}") from error
-
-    return run
 
 
 def _cache_dir(args: argparse.Namespace):
@@ -47,7 +23,6 @@ def _model(args: argparse.Namespace, device: str | None):
     return load_model(args.model, device or args.device, allow_untrained=args.allow_untrained)
 
 
-@user_errors
 def cmd_mmeb(args: argparse.Namespace) -> int:
     from rematch.evaluation.distributed import is_main_process, torchrun_session
     from rematch.evaluation.mmeb import evaluate_mmeb_source
@@ -87,7 +62,6 @@ def _input_limits(args: argparse.Namespace, model):
         raise SystemExit(f"rematch eval mmeb: {error}") from error
 
 
-@user_errors
 def cmd_retrieval(args: argparse.Namespace) -> int:
     from rematch.evaluation.distributed import is_main_process, torchrun_session
     from rematch.evaluation.retrieval import evaluate_retrieval, read_qrels

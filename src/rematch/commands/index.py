@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from rematch.commands.common import non_negative_int, positive_int
-from rematch.commands.evaluate import user_errors
 from rematch.commands.loading import add_model_loading_flags
 
 
@@ -17,7 +16,6 @@ def _model_source(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-@user_errors
 def cmd_build(args: argparse.Namespace) -> int:
     from rematch.commands.loading import load_model
     from rematch.retrieval.corpus import read_corpus
@@ -33,7 +31,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-@user_errors
 def cmd_search(args: argparse.Namespace) -> int:
     from rematch.commands.loading import load_model
     from rematch.retrieval.index import Index, index_model_spec

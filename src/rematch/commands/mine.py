@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from rematch.commands.common import non_negative_int, positive_int
-from rematch.commands.evaluate import user_errors
 from rematch.commands.loading import add_model_loading_flags, load_model
 
 
@@ -14,9 +14,12 @@ def _max_ratio(text: str) -> float | None:
     if text.lower() in ("none", "off"):
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+    return value
 
 
 def _rank_window(text: str) -> tuple[int, int]:
@@ -28,7 +31,6 @@ def _rank_window(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-@user_errors
 def cmd_mine(args: argparse.Namespace) -> int:
     from pathlib import Path
 

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from rematch.commands.common import non_negative_int, positive_int, read_jsonl
-from rematch.commands.evaluate import user_errors
 from rematch.commands.loading import add_model_loading_flags
 
 OVERWRITE_HELP = ("replace whatever is at the output path (by default only a new or empty directory or a saved "
@@ -41,7 +40,6 @@ def check_npy_output(path: str, overwrite: bool) -> Path:
     return out
 
 
-@user_errors
 def cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -59,7 +57,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-@user_errors
 def cmd_info(args: argparse.Namespace) -> int:
     from rematch.hub import resolve_model_dir
     from rematch.serialization import CONFIG_NAME, NotAReMatchModelError, read_rematch_meta
@@ -73,7 +70,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-@user_errors
 def cmd_merge_lora(args: argparse.Namespace) -> int:
     from rematch import ReMatchModel
 

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from rematch.data.images import ImageLoadError, open_image
+from rematch.data.images import DecodeCheck
 from rematch.data.mmeb import EVAL, TRAIN, RowParser, SubsetSource, as_list, list_splits, local_subset, split_layout
 from rematch.data.records import RowRef
 from rematch.data.stores import RowReadError
 from rematch.data.validation import REASONS, SCHEMA, UNREADABLE_IMAGE, BadRowReport, RowProblem
 
 #: JPEGs decode at a reduced scale for the check (corruption still shows; it is much faster).
-CHECK_DRAFT_PIXELS = 64 * 64
 
 
 @dataclass
@@ -82,7 +81,7 @@ def check_subset(source: SubsetSource, decode_images: bool = True, strip_orphan_
         columns = next((list(row) for _, row in store.iter_rows() if isinstance(row, dict)), [])
     schema = TRAIN if "qry" in columns else EVAL if "qry_text" in columns else "?"
     parser = RowParser(source.name, source.image_root, strip_orphan_placeholders=strip_orphan_placeholders)
-    decoded: dict[str, str | None] = {}
+    decoded = DecodeCheck()
     rows = bad_rows = 0
     error = None
     try:
@@ -129,22 +128,15 @@ def _check_or_report(source: SubsetSource, **options) -> SubsetCheck:
                            f"cannot read {source.location}: {type(failure).__name__}: {failure}")
 
 
-def _unreadable(row, schema, parser: RowParser, ref: RowRef, decoded: dict[str, str | None]) -> list[RowProblem]:
+def _unreadable(row, schema, parser: RowParser, ref: RowRef, decoded: DecodeCheck) -> list[RowProblem]:
     problems = []
     for name, relative in _image_fields(row, schema):
         path = parser.resolve(relative)
         if not os.path.isfile(path):
             continue  # reported as missing by the parser
-        if path not in decoded:
-            if len(decoded) > 500_000:
-                decoded.clear()
-            try:
-                open_image(path, where=str(ref), draft_pixels=CHECK_DRAFT_PIXELS)
-                decoded[path] = None
-            except ImageLoadError as error:
-                decoded[path] = str(error).split(": ", 1)[-1]
-        if decoded[path] is not None:
-            problems.append(RowProblem(UNREADABLE_IMAGE, ref, name, decoded[path]))
+        reason = decoded.problem(path)
+        if reason is not None:
+            problems.append(RowProblem(UNREADABLE_IMAGE, ref, name, reason))
     return problems
 
 

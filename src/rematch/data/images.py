@@ -26,8 +26,20 @@ MAX_ASPECT_RATIO = 200
 MAX_DECODE_PIXELS = 64_000_000
 
 
+#: Area JPEGs are decoded at when an image is only checked, not used (see :class:`DecodeCheck`).
+CHECK_DRAFT_PIXELS = 64 * 64
+
+
 class ImageLoadError(ItemError):
-    """An image could not be opened or used; the message names the item and the file."""
+    """An image could not be opened or used; the message names the item and the file.
+
+    ``path`` is the file (when the image came from one), so a caller that deduplicated
+    items can name the row that uses the file instead of its own item index.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
 
 
 def open_image(source: str | os.PathLike | Image.Image, where: str = "item 0",
@@ -52,26 +64,27 @@ def open_image(source: str | os.PathLike | Image.Image, where: str = "item 0",
             width, height = image.size
             if width * height > MAX_DECODE_PIXELS:
                 raise ImageLoadError(f"{where}: image {path} is {width} x {height} pixels, more than the "
-                                     f"{MAX_DECODE_PIXELS:,} rematch decodes; shrink it first")
+                                     f"{MAX_DECODE_PIXELS:,} rematch decodes; shrink it first", path)
             image.load()
         except Image.DecompressionBombError as error:
-            raise ImageLoadError(f"{where}: image {path} is too large to decode safely ({error})") from error
+            raise ImageLoadError(f"{where}: image {path} is too large to decode safely ({error})", path) from error
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ImageLoadError(f"{where}: cannot read image {path}: {error}") from error
+            raise ImageLoadError(f"{where}: cannot read image {path}: {error}", path) from error
     try:
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, ValueError) as error:
-        raise ImageLoadError(f"{where}: cannot convert image to RGB: {error}") from error
+        file = None if isinstance(source, Image.Image) else source
+        raise ImageLoadError(f"{where}: cannot convert image to RGB: {error}", file) from error
 
 
 def check_image_file(path: Path, where: str) -> None:
     """A regular file, or a clear error: a FIFO or device named ``x.png`` would block or
     stream forever when opened, and a directory gives an unhelpful error."""
     if not path.exists():
-        raise ImageLoadError(f"{where}: image file not found: {path}")
+        raise ImageLoadError(f"{where}: image file not found: {path}", path)
     if not path.is_file():
-        raise ImageLoadError(f"{where}: image {path} is not a regular file")
+        raise ImageLoadError(f"{where}: image {path} is not a regular file", path)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -122,15 +135,43 @@ def load_image_for_model(source: str | os.PathLike | Image.Image, min_pixels: in
     """Open, convert and resize an image to the exact size the vision tower will see."""
     image = open_image(source, where, draft_pixels=max_pixels)
     width, height = image.size
-    file = f" ({source})" if isinstance(source, (str, os.PathLike)) else ""  # which file, in a row of several
+    file_path = source if isinstance(source, (str, os.PathLike)) else None
+    file = f" ({source})" if file_path is not None else ""  # which file, in a row of several
     try:
         new_h, new_w = target_size(height, width, min_pixels, max_pixels)
     except ValueError as error:
-        raise ImageLoadError(f"{where}: unusable image size {width} x {height}{file}: {error}") from error
+        raise ImageLoadError(f"{where}: unusable image size {width} x {height}{file}: {error}",
+                             file_path) from error
     if max(new_h, new_w) / min(new_h, new_w) > MAX_ASPECT_RATIO:  # rounding to 28 px can stretch it
         raise ImageLoadError(f"{where}: unusable image size {width} x {height}{file}: resized to {new_w} x {new_h}, "
-                             f"an aspect ratio over {MAX_ASPECT_RATIO}")
+                             f"an aspect ratio over {MAX_ASPECT_RATIO}", file_path)
     if (new_w, new_h) != (width, height):
         # reducing_gap lets PIL downsample huge images in cheap integer steps first.
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return image
+
+
+class DecodeCheck:
+    """Whether image files decode, each file checked once (JPEGs at a small draft size).
+
+    Reading a dataset row only stats its image; this is the deeper check that finds a
+    corrupt or truncated file while the row is still known, so the error names the file,
+    row and field (or the row is skipped and counted) instead of failing mid-encoding.
+    The memo is bounded so a pool of millions of images cannot grow it without limit.
+    """
+
+    def __init__(self, max_remembered: int = 500_000):
+        self.max_remembered = max_remembered
+        self._results: dict[str, str | None] = {}
+
+    def problem(self, path: str) -> str | None:
+        """None if ``path`` decodes, else why not (without the "where" prefix)."""
+        if path not in self._results:
+            if len(self._results) >= self.max_remembered:
+                self._results.clear()
+            try:
+                open_image(path, where="image", draft_pixels=CHECK_DRAFT_PIXELS)
+                self._results[path] = None
+            except ImageLoadError as error:
+                self._results[path] = str(error).split(": ", 1)[-1]
+        return self._results[path]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from rematch.data import shapes_tasks as _shapes_tasks  # noqa: F401  (registers the shapes subsets' meta-tasks)
+from rematch.data.images import DecodeCheck
 from rematch.data.items import IMAGE_PLACEHOLDER, Item
 from rematch.data.mmeb_subsets import CLASSIFICATION, register_subset
 from rematch.data.records import EvalExample, RowRef, TrainExample
@@ -50,6 +51,7 @@ from rematch.data.validation import (
     ORPHAN_PLACEHOLDER_STRIPPED,
     PLACEHOLDER_MISMATCH,
     SCHEMA,
+    UNREADABLE_IMAGE,
     BadRowReport,
     DataError,
     RowProblem,
@@ -85,14 +87,16 @@ class RowParser:
     """Turns raw rows of one subset into records, checking everything that needs no decoding.
 
     ``check_files`` looks each image path up on disk (a stat, no decoding), so a missing
-    image is reported at read time with its row. ``strip_orphan_placeholders`` repairs a
+    image is reported at read time with its row; ``decode_images`` also decodes each distinct
+    file once, so a corrupt one is reported (or skipped) with its row too. ``strip_orphan_placeholders`` repairs a
     known quirk of the published MMEB data (WebQA queries carry ``<|image_1|>`` with no
     image) by removing the placeholder -- counted as a repair -- instead of rejecting the row.
     """
 
     def __init__(self, subset: str, image_root: str | os.PathLike | None, check_files: bool = True,
-                 strip_orphan_placeholders: bool = False):
+                 strip_orphan_placeholders: bool = False, decode_images: bool = False):
         self.subset = subset
+        self.decode_check = DecodeCheck() if decode_images and check_files else None
         self.image_root = str(image_root) if image_root is not None else None
         self.check_files = check_files
         self.strip_orphan_placeholders = strip_orphan_placeholders
@@ -189,6 +193,10 @@ class RowParser:
             problems.append(RowProblem(MISSING_IMAGE, ref, image_field,
                                        f"image file not found: {path} ('{image}' resolved against image root "
                                        f"{root})"))
+        elif path is not None and self.decode_check is not None:
+            reason = self.decode_check.problem(path)
+            if reason is not None:
+                problems.append(RowProblem(UNREADABLE_IMAGE, ref, image_field, reason))
         if len(problems) > before:
             return None
         return Item(text=text if text.strip() else None, image=path)
@@ -387,16 +395,21 @@ def find_subsets(source: str | os.PathLike, split: str, subsets: Sequence[str] |
 
 def iter_eval_examples(source: str, subset: str, image_root: str | None = None, skip_bad: bool = False,
                        report: BadRowReport | None = None, split: str = "test",
-                       strip_orphan_placeholders: bool = False) -> Iterator[EvalExample]:
+                       strip_orphan_placeholders: bool = False,
+                       decode_images: bool | None = None) -> Iterator[EvalExample]:
     """Stream the evaluation queries of one subset (MMEB-eval schema), validated row by row.
 
     ``source`` is a local ROOT (``ROOT/<subset>/test.jsonl|parquet``), a single file, or a
     Hugging Face dataset id (``TIGER-Lab/MMEB-eval``). Bad rows raise :class:`DataError`,
-    or are skipped and counted in ``report`` when ``skip_bad``.
+    or are skipped and counted in ``report`` when ``skip_bad``. ``decode_images`` (default:
+    ``skip_bad``) decodes every distinct image once while reading, so a corrupt file is
+    skipped with its row rather than failing the evaluation later; without it a corrupt
+    file is found at encoding time (and :mod:`rematch.evaluation.mmeb` names its row).
     """
     report = report if report is not None else BadRowReport()
     (found,) = find_subsets(source, split, [subset] if not Path(source).is_file() else None, image_root)
-    parser = RowParser(subset, found.image_root, strip_orphan_placeholders=strip_orphan_placeholders)
+    parser = RowParser(subset, found.image_root, strip_orphan_placeholders=strip_orphan_placeholders,
+                       decode_images=skip_bad if decode_images is None else decode_images)
     yield from _parsed_records(found.open(columns=EVAL_COLUMNS), parser.eval, report, skip_bad)
 
 

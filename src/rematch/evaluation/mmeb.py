@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from rematch.data.images import ImageLoadError
 from rematch.data.items import Item, as_item
 from rematch.data.mmeb_subsets import subset_info
 from rematch.data.records import EvalExample, RowRef
@@ -76,6 +77,16 @@ class DedupedSubset:
     candidate_lists: list[np.ndarray] = field(default_factory=list)
     positive_duplicates: int = 0
     """Examples whose list holds another candidate identical to the correct one (an exact tie)."""
+    first_seen: dict[tuple[str, int], str] = field(default_factory=dict)
+    """(role, unique index) -> the first row (file, row, field) that uses that item."""
+
+    def row_using_image(self, role: str, path: str) -> str | None:
+        """The first row whose ``role`` item (query or document) shows the image file ``path``."""
+        items = self.queries if role == "query" else self.candidates
+        for index, item in enumerate(items):
+            if isinstance(item.image, (str, os.PathLike)) and str(item.image) == path:
+                return self.first_seen[(role, index)]
+        return None
 
     def __len__(self) -> int:
         return len(self.query_index)
@@ -94,7 +105,7 @@ def dedupe_examples(name: str, examples: Iterable[EvalExample]) -> DedupedSubset
     data = DedupedSubset(name)
     query_ids: dict[str, int] = {}
     candidate_ids: dict[str, int] = {}
-    first_seen: dict[tuple[str, int], str] = {}
+    first_seen = data.first_seen
     for number, example in enumerate(examples):
         if not isinstance(example, EvalExample):
             raise EvalDataError(f"{name} example {number}: expected an EvalExample, got {type(example).__name__}")
@@ -139,6 +150,24 @@ def _intern(item, ids: dict[str, int], items: list[Item], first_seen: dict, role
     return index
 
 
+@contextlib.contextmanager
+def _errors_named_by_row(data: DedupedSubset, role: str):
+    """Turn an image that fails while encoding into an error naming the row that uses it.
+
+    The encoder sees deduplicated items, so its own message can only say "item 17"; the
+    user needs the file, row and field, and the flag that skips such rows.
+    """
+    try:
+        yield
+    except ImageLoadError as error:
+        row = data.row_using_image(role, error.path) if error.path is not None else None
+        if row is None:
+            raise
+        reason = str(error).split(": ", 1)[-1]
+        raise EvalDataError(f"{row}: field 'image': {reason} (--skip-bad / skip_bad=True skips rows whose "
+                            "image cannot be read)") from error
+
+
 def _check_images(items: Sequence[Item], role: str, first_seen: dict) -> None:
     """Fail before encoding if an image file is missing, naming the first row that uses it."""
     for index, item in enumerate(items):
@@ -177,13 +206,15 @@ def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalEx
     start = time.perf_counter()
     config = _model_config(encoder.model)
     data = dedupe_examples(name, examples)
-    query_vectors = encode_across_ranks(encoder, data.queries, "query")
+    with _errors_named_by_row(data, "query"):
+        query_vectors = encode_across_ranks(encoder, data.queries, "query")
     # ---- Document side: the single place the candidates are prepared for encoding. ----
     # Candidates without an instruction of their own get the subset's document instruction
     # (rematch.instructions; unchanged when the model's config turns them off). The reranker
     # below reads `documents` too, so both stages see the same items.
     documents = document_items(data.candidates, name, config)
-    candidate_vectors = encode_across_ranks(encoder, documents, "document")
+    with _errors_named_by_row(data, "document"):
+        candidate_vectors = encode_across_ranks(encoder, documents, "document")
     scores = score_lists(data, query_vectors, candidate_vectors)
     if rerank:
         for row, indices in enumerate(data.candidate_lists):
