@@ -650,10 +650,12 @@ cli("mmeb-out-is-a-file", "eval-mmeb", MMEB.replace("{W}/e", "{U}/notes.txt"), f
 cli("mmeb-compare-garbage", "eval-mmeb", "eval mmeb --out {W}/a --compare {W}/b",
     setup=files(**{"a__summary.json": "{", "b__summary.json": "[]"}), fragments=("summary.json",))
 cli("mmeb-model-without-data", "eval-mmeb", "eval mmeb --model {M} --out {W}/e", fragments=("--data",))
-cli("mmeb-truncated-image", "eval-mmeb", MMEB.replace("{D}", "{W}/d"), timeout=120, setup=chain(
-    copy_of("D", "d"), lambda w, world: [p.write_bytes(p.read_bytes()[:50])
-                                         for p in sorted((w / "d" / "images").rglob("*.png"))[:2]]),
-    fragments=("d/",))
+TRUNCATE_TWO_IMAGES = chain(copy_of("D", "d"), lambda w, world: [p.write_bytes(p.read_bytes()[:50])
+                                                                  for p in sorted((w / "d" / "images").rglob("*.png"))[:2]])
+cli("mmeb-truncated-image", "eval-mmeb", MMEB.replace("{D}", "{W}/d"), timeout=120, setup=TRUNCATE_TWO_IMAGES,
+    fragments=("d/", " row ", "--skip-bad"))
+cli("mmeb-truncated-image-skip-bad", "eval-mmeb", MMEB.replace("{D}", "{W}/d") + " --skip-bad", expect="ok",
+    timeout=120, setup=TRUNCATE_TWO_IMAGES, check=finite_summary("e"))
 cli("mmeb-bad-row", "eval-mmeb", MMEB.replace("{D}", "{W}/d"), setup=files(**{"d__S__test.jsonl": [
     {"qry_text": "q", "qry_img_path": "", "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]},
     {"qry_text": 5, "qry_img_path": "", "tgt_text": ["a"], "tgt_img_path": [""]}]}), fragments=("test.jsonl",))
