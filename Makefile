@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rematch-installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
 install: $(STAMP)
 
@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/rematch demo
 
-test: $(STAMP)
+# Headless Chromium for the search page's browser test (Debian packages; skipped with a reason
+# where it cannot be installed, e.g. without root or apt).
+browser:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "chromium not found and cannot be installed here: the search-page browser test will be skipped"; fi; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

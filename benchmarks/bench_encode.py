@@ -8,11 +8,18 @@ K learnable tokens, M-RoPE ids computed by the adapter and length-sorted batchin
 
     python benchmarks/bench_encode.py                          # tiny model, CPU
     python benchmarks/bench_encode.py --backbone-size 3b --device cuda --dtype bfloat16 --image-size 448
+
+Also, side by side in the same run (issue 14): encode with preprocessing in line (the old
+path, ``prefetch=0``, the default on CPU) vs prefetched in a background thread (``prefetch=2``,
+the default on a GPU), and the padded embedding forward vs the padding-free one (``model.padding_free``). Peak
+memory is CUDA's max allocated per row (CPU: not measured per row).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import platform
 import random
 import tempfile
@@ -65,17 +72,34 @@ def plain_transformers_encode(model: ReMatchModel, items: list[Item], batch_size
     return torch.cat(outputs)
 
 
-def timed(function, repeats: int) -> float:
+PEAKS: dict[str, int] = {}
+
+
+def timed(function, repeats: int, label: str = "") -> float:
     best = float("inf")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         function()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
+    if cuda and label:
+        PEAKS[label] = torch.cuda.max_memory_allocated()
     return best
+
+
+def peak(label: str) -> str:
+    return f"  peak {PEAKS[label] / 2**30:6.2f} GiB" if label in PEAKS else ""
+
+
+def with_padding_free(model: ReMatchModel, on: bool) -> None:
+    model.config = dataclasses.replace(model.config, padding_free=on)
 
 
 def main() -> None:
@@ -89,6 +113,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--no-padding-free", action="store_true",
+                        help="skip the padding-free row (on a GPU without flash-attn its T x T mask is large)")
+    parser.add_argument("--json", help="also write the numbers to this file (benchmarks/gpu_check.py reads it)")
     args = parser.parse_args()
 
     family = args.family or ("qwen2_5_vl" if args.backbone_size in ("3b", "7b") else "qwen2_vl")
@@ -100,21 +127,51 @@ def main() -> None:
         # warm-up (allocator, kernels, lazy imports) on a few items of each kind
         model.encode(items[:6], batch_size=args.batch_size)
         plain_transformers_encode(model, items[:6], args.batch_size)
-        ours = timed(lambda: model.encode(items, batch_size=args.batch_size), args.repeats)
-        plain = timed(lambda: plain_transformers_encode(model, items, args.batch_size), args.repeats)
+        ours = timed(lambda: model.encode(items, batch_size=args.batch_size, prefetch=2), args.repeats, "ours")
+        plain = timed(lambda: plain_transformers_encode(model, items, args.batch_size), args.repeats, "plain")
         # the same baseline given our length-sorted batches: isolates the cost of the K tokens
         by_length = sorted(items, key=lambda item: -model.adapter.estimate_length(item))
-        plain_sorted = timed(lambda: plain_transformers_encode(model, by_length, args.batch_size), args.repeats)
+        plain_sorted = timed(lambda: plain_transformers_encode(model, by_length, args.batch_size), args.repeats,
+                             "plain sorted")
+        inline = timed(lambda: model.encode(items, batch_size=args.batch_size, prefetch=0), args.repeats, "inline")
+        packed, packed_cosine = float("nan"), float("nan")
+        if not args.no_padding_free:
+            with_padding_free(model, True)
+            model.encode(items[:6], batch_size=args.batch_size)  # warm-up of the packed shapes
+            packed = timed(lambda: model.encode(items, batch_size=args.batch_size), args.repeats, "packed")
+            with_padding_free(model, False)
+            vectors = model.encode(items, batch_size=args.batch_size)
+            with_padding_free(model, True)
+            packed_cosine = float((vectors * model.encode(items, batch_size=args.batch_size)).sum(axis=1).min())
+            with_padding_free(model, False)
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"date {date.today()}  device {args.device} ({device_name})  threads {torch.get_num_threads()}")
     print(f"backbone {family}/{args.backbone_size} ({count_parameters(model.backbone) / 1e6:.1f}M params, "
           f"{args.dtype})  items {len(items)}  batch {args.batch_size}  image {args.image_size}px  K={args.k}")
-    print(f"plain transformers forward, last token : {len(items) / plain:8.1f} items/s")
-    print(f"plain, batches sorted by length        : {len(items) / plain_sorted:8.1f} items/s")
-    print(f"ReMatchModel.encode (K={args.k:2d})             : {len(items) / ours:8.1f} items/s")
-    print(f"ratio ours / plain                      : {plain / ours:8.2f}x  (target >= 0.90)")
+    print(f"attention: {model.config.attn_implementation} -> vision "
+          f"{model.adapter.causal_lm(model.backbone).config.vision_config._attn_implementation}, text "
+          f"{model.adapter.causal_lm(model.backbone).config.text_config._attn_implementation}")
+    print(f"plain transformers forward, last token : {len(items) / plain:8.1f} items/s{peak('plain')}")
+    print(f"plain, batches sorted by length        : {len(items) / plain_sorted:8.1f} items/s{peak('plain sorted')}")
+    print(f"encode, preprocessing in line (old)    : {len(items) / inline:8.1f} items/s{peak('inline')}")
+    print(f"ReMatchModel.encode (K={args.k:2d}, prefetch) : {len(items) / ours:8.1f} items/s{peak('ours')}")
+    print(f"encode, padding-free forward           : {len(items) / packed:8.1f} items/s{peak('packed')}")
+    print(f"ratio ours / plain                      : {plain / ours:8.2f}x  (target >= 0.90; GPU 3b: >= 3)")
     print(f"ratio ours / plain sorted (K overhead)  : {plain_sorted / ours:8.2f}x")
+    print(f"ratio prefetch / in line (new / old)    : {inline / ours:8.2f}x")
+    print(f"ratio padding-free / padded             : {ours / packed:8.2f}x  (min cosine to padded "
+          f"{packed_cosine:.6f})")
+    if args.json:
+        rates = {"plain": plain, "plain sorted": plain_sorted, "encode, in line (old)": inline,
+                 "encode, prefetch (new)": ours, "encode, padding-free": packed}
+        Path(args.json).write_text(json.dumps({
+            "device": device_name, "backbone": f"{family}/{args.backbone_size}", "dtype": args.dtype,
+            "image": args.image_size, "items": len(items), "batch": args.batch_size,
+            "rows": {label: {"items_s": len(items) / seconds, "peak_bytes": PEAKS.get(key)}
+                     for (label, seconds), key in zip(rates.items(),
+                                                      ["plain", "plain sorted", "inline", "ours", "packed"])},
+        }, indent=1))
 
 
 if __name__ == "__main__":

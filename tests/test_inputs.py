@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rematch import ItemError, ReMatchModel
+from rematch import Item, ItemError, ReMatchModel
 from rematch.data.images import ImageLoadError, load_image_for_model, open_image, target_size
 from rematch.data.items import as_items
 
@@ -140,3 +140,22 @@ def test_a_large_16_bit_png_is_converted_in_bounded_memory(tmp_path):
         tracemalloc.stop()
     assert image.mode == "RGB" and image.size[0] * image.size[1] <= 448 * 448
     assert peak < 16 * 3000 * 2000  # measured 12 bytes a pixel; float64 arithmetic took 32
+
+
+def test_an_image_is_resized_once_as_plain_transformers_would(tiny_model, tmp_path):
+    """100 x 70 px under min = max = 56 x 56: Qwen's smart resize gives 28 x 56 px (below
+    min_pixels). The processor must take that as it is; resizing again grew it to 56 x 84 px,
+    past max_pixels and unlike plain transformers."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    path = tmp_path / "odd.png"
+    Image.new("RGB", (70, 100), (10, 200, 30)).save(path)
+    adapter = tiny_model.adapter
+    limits = (adapter.config.min_pixels, adapter.config.max_pixels)
+    try:
+        adapter.config.min_pixels = adapter.config.max_pixels = 56 * 56
+        batch = adapter.prepare([Item(image=str(path))], 0)
+    finally:
+        adapter.config.min_pixels, adapter.config.max_pixels = limits
+    height, width = smart_resize(100, 70, factor=28, min_pixels=56 * 56, max_pixels=56 * 56)
+    assert batch.image_grid_thw.tolist() == [[1, height // 14, width // 14]]

@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train":
+        if not getattr(args, "accepts_overrides", False):  # a subcommand declares it takes --section.key
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
     debug = args.debug or os.environ.get("REMATCH_DEBUG", "") not in ("", "0")

@@ -37,8 +37,10 @@ class ModelConfig:
     """
 
     backbone: str = "tiny"
-    """A Hugging Face hub id or local directory of a Qwen2-VL / Qwen2.5-VL checkpoint, or
-    ``"tiny"`` for a randomly initialised offline model (see ``tiny_size`` and ``tiny_family``)."""
+    """A Hugging Face hub id or local directory of a Qwen2-VL / Qwen2.5-VL checkpoint,
+    ``"tiny"`` for a randomly initialised offline model (see ``tiny_size`` and ``tiny_family``), or
+    ``"tiny-pretrained"`` for the shipped tiny Qwen2-VL after generative pre-training on the
+    shapes world (docs/pretraining.md; ``tiny_size``/``tiny_family`` do not apply)."""
     tiny_family: str = "qwen2_vl"
     """Architecture of the offline model when ``backbone == "tiny"``: qwen2_vl or qwen2_5_vl."""
     tiny_size: str = "tiny"
@@ -66,9 +68,15 @@ class ModelConfig:
     """System turn used when an item carries no instruction of its own."""
     dtype: str = "float32"
     """Weights' dtype: float32, bfloat16 or float16."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers (sdpa or eager; the packed matching
-    forward needs a 4-D mask, which flash-attention does not take)."""
+    attn_implementation: str = "auto"
+    """Attention kernel of the vision tower and the embedding forward: "auto" (flash_attention_2
+    when flash-attn is installed and the model is on CUDA in bf16/fp16, else sdpa), sdpa, eager
+    or flash_attention_2. Forwards with a 4-D mask (packed matching) always run sdpa/eager
+    (see rematch.backbones.attention)."""
+    padding_free: bool = False
+    """Embedding forward with a batch's items packed into one sequence (their own M-RoPE ids,
+    a block-diagonal mask) instead of left-padded rows: no compute on padding. Off by default:
+    on CPU with sdpa the block mask costs more than the padding saves (benchmarks/RESULTS.md)."""
     seed: int = 0
     """Seed for the offline backbone and the initial learnable tokens and projector."""
     matching_instruction: str = "Does the document match the query? Answer only Yes or No."

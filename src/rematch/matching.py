@@ -41,7 +41,7 @@ from typing import Sequence
 
 import torch
 
-from rematch.backbones.base import BackboneAdapter
+from rematch.backbones.base import BackboneAdapter, EncoderBatch
 from rematch.data.images import load_image_for_model
 from rematch.data.items import Item
 
@@ -67,12 +67,44 @@ def view_pairs(num_documents: int) -> list[tuple[int, int]]:
 
 
 @dataclass
+class ProcessedImage:
+    """One image already through the image processor, so a matching sequence can reuse it.
+
+    The embedding batches of a training step have decoded, resized and patched every image
+    of the step; the matching sequences show the same images again (raw query and document
+    views), so they take these patches instead of decoding the files a second time.
+    """
+
+    pixels: torch.Tensor  # (patches, C*T*P*P)
+    grid: list[int]  # (t, h, w) in patches
+    source: int | None = None
+    """Index of this image in the step's image table (queries', positives', then negatives'
+    images, in row order), where :mod:`rematch.training.vision_cache` keeps its tower
+    features; None when the image came from somewhere else."""
+
+
+@dataclass
+class RawView:
+    """An item's raw view in a matching sequence (``"Query: ..."`` or ``"\nDocument: ..."``), tokenised."""
+
+    ids: list[int]
+    types: list[int]  # 0 text, 1 image token
+    image: ProcessedImage | None
+
+
+@dataclass
 class MatchSample:
-    """A query and the documents it is matched against; ``relevant[j]`` is document j's label."""
+    """A query and the documents it is matched against; ``relevant[j]`` is document j's label.
+
+    ``views``, when given, are the raw views of [query, *documents] prepared ahead (in the
+    data pipeline's threads, from already-processed images: :func:`raw_views`); without
+    them the builder tokenises the items and loads their images itself.
+    """
 
     query: Item
     documents: tuple[Item, ...]
     relevant: tuple[bool, ...]
+    views: tuple[RawView, ...] | None = None
 
 
 @dataclass
@@ -84,6 +116,7 @@ class MatchBatch:
     position_ids: torch.Tensor  # (3, R, L)
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
+    image_sources: list[int | None]  # per image: its index in the step's image table (see ProcessedImage)
     soft_rows: torch.Tensor  # (S,) row of each soft token
     soft_cols: torch.Tensor  # (S,) column of each soft token
     soft_sources: torch.Tensor  # (S,) index into the soft-embedding table (see soft_table_index)
@@ -118,48 +151,149 @@ class _Block:
     kind: int
     ids: list[int]
     types: list[int]
-    grids: list[list[int]]
-    pixels: list[torch.Tensor]
+    images: list[ProcessedImage]
     positions: torch.Tensor  # (3, n)
     soft_slot: int | None = None  # 0 = query, 1 + j = document j
     end: int = 0  # the first position after this block
 
+    @property
+    def grids(self) -> list[list[int]]:
+        return [image.grid for image in self.images]
 
-def _sample_blocks(adapter: BackboneAdapter, sample: MatchSample, system: str, instruction: str,
-                   where: str) -> tuple[list[_Block], _Block]:
-    """Tokenise one sample's content blocks and its answer block, and number their positions."""
-    for item, role in zip([sample.query, *sample.documents], ["query"] + [f"document {j}" for j in
-                                                                         range(len(sample.documents))]):
-        adapter.check_user_text(item, f"{where} ({role})")
-    texts = [adapter.chat_prefix(system) + instruction + "\n",
-             QUERY_HEADER + adapter.content_text(sample.query), QUERY_HEADER + adapter.soft_token]
-    for document in sample.documents:
-        texts += [DOCUMENT_HEADER + adapter.content_text(document), DOCUMENT_HEADER + adapter.soft_token]
-    texts.append(adapter.answer_prefix())
+
+@dataclass
+class _FixedBlocks:
+    """The blocks every sample shares (prompt, soft views, answer), tokenised once per build."""
+
+    prompt: tuple[list[int], list[int]]
+    query_soft: tuple[list[int], list[int]]
+    document_soft: tuple[list[int], list[int]]
+    answer: tuple[list[int], list[int]]
+
+
+def _fixed_blocks(adapter: BackboneAdapter, system: str, instruction: str) -> _FixedBlocks:
+    texts = [adapter.chat_prefix(system) + instruction + "\n", QUERY_HEADER + adapter.soft_token,
+             DOCUMENT_HEADER + adapter.soft_token, adapter.answer_prefix()]
+    tokens = adapter.tokenize_blocks(texts, [])
+    return _FixedBlocks(*zip(tokens.input_ids, tokens.token_types))
+
+
+def raw_views(adapter: BackboneAdapter, items: Sequence[Item], header: str,
+              images: Sequence[ProcessedImage | None], wheres: Sequence[str]) -> list[RawView]:
+    """Tokenise items' raw views with images that are already processed (no decoding, no resizing).
+
+    ``images[i]`` is item i's processed image (None for a text-only item); ``wheres[i]``
+    names the item in errors.
+    """
+    texts = []
+    for item, image, where in zip(items, images, wheres):
+        adapter.check_user_text(item, where)
+        if (item.image is None) != (image is None):
+            raise ValueError(f"{where}: the item {'has' if item.image is not None else 'has no'} image but "
+                             f"{'none' if image is None else 'one'} was given")
+        texts.append(header + adapter.content_text(item))
+    grids = [image.grid for image in images if image is not None]
+    tokens = adapter.tokenize_blocks_with_grids(texts, grids) if texts else None
+    return [RawView(ids, types, image) for ids, types, image
+            in zip(tokens.input_ids, tokens.token_types, images)] if tokens else []
+
+
+def processed_images(batch: EncoderBatch, first_source: int = 0) -> list[ProcessedImage | None]:
+    """Each row's image as the embedding batch already processed it (None for a text-only row).
+
+    ``first_source`` is the step-table index of this batch's first image (see
+    :attr:`ProcessedImage.source`).
+    """
+    has_image = batch.mm_token_type_ids.bool().any(dim=1).tolist()
+    chunks: list[torch.Tensor] = []
+    grids: list[list[int]] = []
+    if batch.image_grid_thw is not None:
+        grids = [list(map(int, grid)) for grid in batch.image_grid_thw.tolist()]
+        chunks = list(torch.split(batch.pixel_values, [t * h * w for t, h, w in grids]))
+    if len(grids) != sum(has_image):
+        raise ValueError(f"{sum(has_image)} rows with image tokens but {len(grids)} images in the batch")
+    images = iter(ProcessedImage(pixels, grid, first_source + n) for n, (pixels, grid) in enumerate(zip(chunks, grids)))
+    return [next(images) if row_has_image else None for row_has_image in has_image]
+
+
+@dataclass
+class MatchingViews:
+    """The raw views of every query, positive and negative of a training batch, tokenised.
+
+    Built once per batch (in the data pipeline's threads when the collator is asked to),
+    from the images the embedding batches already processed; a matching sample is then a
+    choice of three of them, whether its negative is the row's own or another row's positive.
+    """
+
+    queries: list[RawView]
+    positives: list[RawView]
+    negatives: list[RawView]
+
+
+def training_views(adapter: BackboneAdapter, query_items: Sequence[Item], queries: EncoderBatch,
+                   positive_items: Sequence[Item], positives: EncoderBatch, negative_items: Sequence[Item],
+                   negatives: EncoderBatch | None, negative_owner: Sequence[int]) -> MatchingViews:
+    """:class:`MatchingViews` of one training batch; image sources number the step's image
+    table in the order queries, positives, negatives."""
+    query_images = processed_images(queries, 0)
+    positive_images = processed_images(positives, sum(image is not None for image in query_images))
+    first_negative = sum(image is not None for image in query_images + positive_images)
+    negative_images = processed_images(negatives, first_negative) if negatives is not None else []
+    if len(negative_images) != len(negative_items):
+        raise ValueError(f"{len(negative_items)} negative items but {len(negative_images)} prepared negatives")
+    return MatchingViews(
+        queries=raw_views(adapter, query_items, QUERY_HEADER, query_images,
+                          [f"query {i}" for i in range(len(query_items))]),
+        positives=raw_views(adapter, positive_items, DOCUMENT_HEADER, positive_images,
+                            [f"positive {i}" for i in range(len(positive_items))]),
+        negatives=raw_views(adapter, negative_items, DOCUMENT_HEADER, negative_images,
+                            [f"negative {owner}" for owner in negative_owner]),
+    )
+
+
+def _loaded_views(adapter: BackboneAdapter, sample: MatchSample, where: str) -> list[RawView]:
+    """Raw views of a sample that came without them: load its images and run the processor."""
     owners = [sample.query, *sample.documents]
+    roles = ["query"] + [f"document {j}" for j in range(len(sample.documents))]
+    for item, role in zip(owners, roles):
+        adapter.check_user_text(item, f"{where} ({role})")
+    texts = [QUERY_HEADER + adapter.content_text(sample.query)]
+    texts += [DOCUMENT_HEADER + adapter.content_text(document) for document in sample.documents]
     config = adapter.config
     images = [load_image_for_model(item.image, config.min_pixels, config.max_pixels, where=f"{where} ({role})")
-              for item, role in zip(owners, ["query"] + [f"document {j}" for j in range(len(owners) - 1)])
-              if item.image is not None]
+              for item, role in zip(owners, roles) if item.image is not None]
     tokens = adapter.tokenize_blocks(texts, images)
     pixel_chunks = (list(torch.split(tokens.pixel_values, tokens.patches_per_image))
                     if tokens.pixel_values is not None else [])
-    grids = iter(zip(tokens.image_grids, pixel_chunks))
-    kinds = [PROMPT, *QUERY_VIEWS]
-    for j in range(len(sample.documents)):
-        kinds += list(document_blocks(j))
-    blocks: list[_Block] = []
-    for index, kind in enumerate(kinds):
-        n_images = sum(1 for t in _runs(tokens.token_types[index]) if t == 1)
-        taken = [next(grids) for _ in range(n_images)]
-        soft_slot = None
-        if kind == QUERY_SOFT:
-            soft_slot = 0
-        elif kind >= 3 and (kind - 3) % 2 == 1:
-            soft_slot = 1 + (kind - 3) // 2
-        blocks.append(_Block(kind, tokens.input_ids[index], tokens.token_types[index], [g for g, _ in taken],
-                             [p for _, p in taken], torch.empty(0), soft_slot))
-    answer = _Block(ANSWER_KIND, tokens.input_ids[-1], tokens.token_types[-1], [], [], torch.empty(0))
+    processed = iter([ProcessedImage(pixels, grid) for pixels, grid in zip(pixel_chunks, tokens.image_grids)])
+    views = []
+    for ids, types in zip(tokens.input_ids, tokens.token_types):
+        n_images = sum(1 for t in _runs(types) if t == 1)
+        if n_images > 1:
+            raise ValueError(f"{where}: a view holds {n_images} images; one per item is supported")
+        views.append(RawView(ids, types, next(processed) if n_images else None))
+    return views
+
+
+def _sample_blocks(adapter: BackboneAdapter, sample: MatchSample, fixed: _FixedBlocks,
+                   where: str) -> tuple[list[_Block], _Block]:
+    """One sample's content blocks (numbered) and its answer block (numbered per pair later)."""
+    views = list(sample.views) if sample.views is not None else _loaded_views(adapter, sample, where)
+    if len(views) != 1 + len(sample.documents):
+        raise ValueError(f"{where}: {len(views)} prepared views for a query and {len(sample.documents)} documents")
+
+    def raw(kind: int, view: RawView) -> _Block:
+        return _Block(kind, view.ids, view.types, [view.image] if view.image is not None else [], torch.empty(0))
+
+    def fixed_block(kind: int, tokens: tuple[list[int], list[int]], soft_slot: int | None = None) -> _Block:
+        return _Block(kind, tokens[0], tokens[1], [], torch.empty(0), soft_slot)
+
+    blocks = [fixed_block(PROMPT, fixed.prompt), raw(QUERY_RAW, views[0]),
+              fixed_block(QUERY_SOFT, fixed.query_soft, soft_slot=0)]
+    for j, view in enumerate(views[1:]):
+        raw_kind, soft_kind = document_blocks(j)
+        blocks += [raw(raw_kind, view), fixed_block(soft_kind, fixed.document_soft, soft_slot=1 + j)]
+    answer = fixed_block(ANSWER_KIND, fixed.answer)
     _assign_positions(adapter, blocks)
     return blocks, answer
 
@@ -209,7 +343,7 @@ def _assemble(rows: list[list[_Block]], soft_entries, answer_entries, labels, nu
     length = max(sum(len(block.ids) for block in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((3, len(rows), length), dtype=torch.long)
-    kinds_of_rows, lengths, grids, pixels = [], [], [], []
+    kinds_of_rows, lengths, images = [], [], []
     for r, row in enumerate(rows):
         ids = [t for block in row for t in block.ids]
         input_ids[r, :len(ids)] = torch.tensor(ids)
@@ -217,8 +351,7 @@ def _assemble(rows: list[list[_Block]], soft_entries, answer_entries, labels, nu
         kinds_of_rows.append([block.kind for block in row for _ in block.ids])
         lengths.append(len(ids))
         for block in row:
-            grids += block.grids
-            pixels += block.pixels
+            images += block.images
     soft_rows, soft_cols, soft_sources = (torch.tensor(v, dtype=torch.long) for v in zip(*soft_entries)) \
         if soft_entries else (torch.zeros(0, dtype=torch.long),) * 3
     answer_rows, answer_cols = (torch.tensor(v, dtype=torch.long) for v in zip(*answer_entries))
@@ -226,8 +359,9 @@ def _assemble(rows: list[list[_Block]], soft_entries, answer_entries, labels, nu
         input_ids=input_ids,
         block_mask=_visibility(kinds_of_rows, answer_pairs, length, lengths),
         position_ids=position_ids,
-        pixel_values=torch.cat(pixels) if pixels else None,
-        image_grid_thw=torch.tensor(grids, dtype=torch.long) if grids else None,
+        pixel_values=torch.cat([image.pixels for image in images]) if images else None,
+        image_grid_thw=torch.tensor([image.grid for image in images], dtype=torch.long) if images else None,
+        image_sources=[image.source for image in images],
         soft_rows=soft_rows, soft_cols=soft_cols, soft_sources=soft_sources,
         answer_rows=answer_rows, answer_cols=answer_cols,
         labels=torch.tensor(labels, dtype=torch.long),
@@ -254,7 +388,7 @@ def _labels(sample: MatchSample, pairs: list[tuple[int, int]]) -> list[int]:
 def _answer_block(adapter: BackboneAdapter, answer: _Block, pair: int, document_view: _Block) -> _Block:
     """Pair ``pair``'s answer block, numbered from the end of its own document view."""
     positions, end = adapter.block_positions(answer.types, answer.grids, document_view.end)
-    return _Block(ANSWER_KIND + pair, answer.ids, answer.types, [], [], positions, end=end)
+    return _Block(ANSWER_KIND + pair, answer.ids, answer.types, [], positions, end=end)
 
 
 def _finish(adapter: BackboneAdapter, samples: Sequence[MatchSample], rows: list[list[_Block]],
@@ -280,9 +414,10 @@ def build_packed_batch(adapter: BackboneAdapter, samples: Sequence[MatchSample],
                        instruction: str, where: str = "sample") -> MatchBatch:
     """One packed row per sample (content encoded once, all pairs answered in the same row)."""
     num_documents = _check_samples(samples)
+    fixed = _fixed_blocks(adapter, system, instruction)
     rows = []
     for s, sample in enumerate(samples):
-        blocks, answer = _sample_blocks(adapter, sample, system, instruction, f"{where} {s}")
+        blocks, answer = _sample_blocks(adapter, sample, fixed, f"{where} {s}")
         by_kind = {block.kind: block for block in blocks}
         rows.append(blocks + [_answer_block(adapter, answer, p, by_kind[doc_view])
                               for p, (_, doc_view) in enumerate(view_pairs(num_documents))])
@@ -297,9 +432,10 @@ def build_reference_batch(adapter: BackboneAdapter, samples: Sequence[MatchSampl
     must equal the packed forward's (the test of the packing).
     """
     num_documents = _check_samples(samples)
+    fixed = _fixed_blocks(adapter, system, instruction)
     rows, row_samples = [], []
     for s, sample in enumerate(samples):
-        blocks, answer = _sample_blocks(adapter, sample, system, instruction, f"{where} {s}")
+        blocks, answer = _sample_blocks(adapter, sample, fixed, f"{where} {s}")
         by_kind = {block.kind: block for block in blocks}
         for p, (query_view, doc_view) in enumerate(view_pairs(num_documents)):
             rows.append([by_kind[PROMPT], by_kind[query_view], by_kind[doc_view],
@@ -311,32 +447,31 @@ def build_reference_batch(adapter: BackboneAdapter, samples: Sequence[MatchSampl
 # ---------------------------------------------------------------------------- forward
 
 
-def attention_mask_for(block_mask: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """The (R, 1, L, L) mask in the form the attention kernel takes (bool for sdpa, additive for eager)."""
-    mask = block_mask[:, None]
-    if attn_implementation == "sdpa":
-        return mask
-    if attn_implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(f"the matching forward needs a 4-D mask: use attn_implementation sdpa or eager, "
-                     f"not {attn_implementation!r}")
-
-
-def match_logits(model, batch: MatchBatch, soft_embeddings: torch.Tensor) -> torch.Tensor:
+def match_logits(model, batch: MatchBatch, soft_embeddings: torch.Tensor,
+                 image_features: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Yes/No logits (num_samples, 4 * num_documents, 2) of a matching batch.
 
     ``soft_embeddings`` holds the L2-normalised embeddings per sample in the order
     [query, document 0, ..., document n-1] (see :func:`soft_table_index`); they pass
     through the projector here, so the matching loss trains the embeddings too.
+    ``image_features`` is the step's image table of precomputed tower outputs (frozen
+    tower, :mod:`rematch.training.vision_cache`): when every image of the batch has an
+    entry there, the tower does not run again.
     """
     batch = batch.to(model.device)
     adapter = model.adapter
-    embeds = adapter.input_embeddings(model.backbone, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+    features = None
+    if (image_features is not None and batch.image_sources
+            and all(source is not None for source in batch.image_sources)):
+        features = torch.cat([image_features[source] for source in batch.image_sources])
+    embeds = adapter.input_embeddings(model.backbone, batch.input_ids, batch.pixel_values, batch.image_grid_thw,
+                                      image_features=features)
     if batch.soft_sources.numel():
         soft = model.project(soft_embeddings)[batch.soft_sources].to(embeds.dtype)
         embeds = embeds.index_put((batch.soft_rows, batch.soft_cols), soft)
-    mask = attention_mask_for(batch.block_mask, model.config.attn_implementation, embeds.dtype)
-    hidden = adapter.language_model(model.backbone, embeds, mask, batch.position_ids)
+    # a 4-D boolean mask: the adapter runs it on a kernel that takes one (sdpa/eager), whatever
+    # the embedding forward uses (rematch.backbones.attention)
+    hidden = adapter.language_model(model.backbone, embeds, batch.block_mask[:, None], batch.position_ids)
     answers = hidden[batch.answer_rows, batch.answer_cols]
     logits = model.answer_logits(answers)
     return logits.view(batch.num_samples, batch.pairs_per_sample, 2)

@@ -36,7 +36,7 @@ class EmbeddingOutput:
     embedding: torch.Tensor
     """(B, H) float32, L2-normalised: what similarity is computed on."""
     fused: torch.Tensor
-    """(B, H) the fused vector before normalisation (mean of the K states)."""
+    """(B, H) float32, the fused vector before normalisation (mean of the K states, taken in float32)."""
     token_states: torch.Tensor
     """(B, K, H) the final states at the K learnable positions ((B, 1, H) for K = 0)."""
 
@@ -81,10 +81,17 @@ class ReMatchModel(nn.Module):
 
     @classmethod
     def tiny(cls, size: str = "tiny", backbone: str = "qwen2_vl", k: int = 16, seed: int = 0,
-             pooling: str | None = None, device: str | torch.device = "cpu", **config_fields) -> "ReMatchModel":
-        """An untrained ReMatch model on a randomly initialised offline backbone (no download)."""
-        config = ModelConfig(backbone="tiny", tiny_family=backbone, tiny_size=size, num_tokens=k, seed=seed,
-                             pooling=pooling or ("mean" if k else "last"), **config_fields)
+             pooling: str | None = None, device: str | torch.device = "cpu", pretrained: bool = False,
+             **config_fields) -> "ReMatchModel":
+        """An untrained ReMatch model on a randomly initialised offline backbone (no download).
+
+        ``pretrained=True`` uses the shipped ``tiny-pretrained`` backbone instead (the tiny
+        Qwen2-VL after generative pre-training on the shapes world; see docs/pretraining.md);
+        ``size``, ``backbone`` and ``seed`` then no longer choose the backbone's weights.
+        """
+        config = ModelConfig(backbone="tiny-pretrained" if pretrained else "tiny", tiny_family=backbone,
+                             tiny_size=size, num_tokens=k, seed=seed, pooling=pooling or ("mean" if k else "last"),
+                             **config_fields)
         return cls.from_config(config, device=device)
 
     @classmethod
@@ -131,6 +138,8 @@ class ReMatchModel(nn.Module):
         (:meth:`from_pretrained`). ``device`` defaults to CUDA when available."""
         from rematch.devices import resolve_device
 
+        if spec == "tiny-pretrained":
+            return cls.tiny(pretrained=True, device=resolve_device(device))
         if spec == "tiny" or spec.startswith("tiny:"):
             parts = spec.split(":")
             size = parts[1] if len(parts) > 1 and parts[1] else "tiny"
@@ -147,6 +156,14 @@ class ReMatchModel(nn.Module):
         from rematch.serialization import save_rematch_model
 
         save_rematch_model(self, Path(path), overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, eval_dir: str | os.PathLike | None = None,
+                    **options) -> str:
+        """Save, write a model card for ``repo_id`` (with the evaluation table of ``eval_dir``'s
+        summary.json) and upload; returns the repository URL. See :func:`rematch.export.hub.push_model`."""
+        from rematch.export.hub import push_model
+
+        return push_model(self, repo_id, private=private, eval_dir=eval_dir, **options)
 
     # ------------------------------------------------------------------ trained or not
 
@@ -215,35 +232,68 @@ class ReMatchModel(nn.Module):
 
     def embed(self, batch: EncoderBatch, role: str) -> EmbeddingOutput:
         """One differentiable embedding forward."""
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, non_blocking=True)  # asynchronous only from pinned memory
         embeds = self.adapter.input_embeddings(self.backbone, batch.input_ids, batch.pixel_values,
-                                               batch.image_grid_thw)
+                                               batch.image_grid_thw, image_features=batch.image_features)
         k = batch.num_slots
         if k != self.num_tokens:
             raise ValueError(f"batch was prepared with {k} slots but the model has K={self.num_tokens}")
         if k:
             tokens = self.role_tokens(role).to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
             embeds = torch.cat([embeds[:, :-k], tokens], dim=1)
-        hidden = self.adapter.language_model(self.backbone, embeds, batch.attention_mask, batch.position_ids)
-        states = hidden[:, -k:] if k else hidden[:, -1:]
-        fused = states.mean(dim=1) if self.config.pooling == "mean" else states[:, -1]
-        embedding = F.normalize(fused.float(), dim=-1)
+        if self.config.padding_free:
+            states = self._packed_states(embeds, batch, max(k, 1))
+        else:
+            hidden = self.adapter.language_model(self.backbone, embeds, batch.attention_mask, batch.position_ids)
+            states = hidden[:, -k:] if k else hidden[:, -1:]
+        # Pool in float32 whatever the compute dtype: a bf16 mean of 16 states rounds each
+        # partial sum to 8 bits of mantissa, enough to move near-tied neighbours in a ranking.
+        fused = states.float().mean(dim=1) if self.config.pooling == "mean" else states[:, -1].float()
+        embedding = F.normalize(fused, dim=-1)
         return EmbeddingOutput(embedding=embedding, fused=fused, token_states=states)
+
+    def _packed_states(self, embeds: torch.Tensor, batch: EncoderBatch, last: int) -> torch.Tensor:
+        """Padding-free forward: the rows' real tokens packed into one sequence; (B, last, H) final states.
+
+        Each item keeps its own M-RoPE ids (they start at 0 per item, as in the padded
+        batch) and attends only to itself (block-diagonal causal attention, see
+        :meth:`~rematch.backbones.qwen_vl.QwenVLAdapter.packed_language_model`), so its states
+        are the padded path's. Left padding puts each row's slots at the end of its tokens.
+        """
+        valid = batch.attention_mask.bool()
+        lengths = valid.sum(dim=1)
+        packed = embeds[valid].unsqueeze(0)  # row-major: each row's tokens stay together, in order
+        positions = batch.position_ids[:, valid].unsqueeze(1)
+        hidden = self.adapter.packed_language_model(self.backbone, packed, positions, lengths)[0]
+        ends = lengths.cumsum(dim=0)
+        index = ends[:, None] - last + torch.arange(last, device=ends.device)[None, :]
+        return hidden[index]
 
     def forward(self, batch: EncoderBatch, role: str = "query") -> EmbeddingOutput:
         return self.embed(batch, role)
 
     @torch.inference_mode()
     def encode(self, items: Iterable[ItemLike], role: str = "query", batch_size: int = 16,
-               show_progress: bool = False, normalize: bool = True, where: str = "item") -> np.ndarray:
+               show_progress: bool = False, normalize: bool = True, where: str = "item",
+               prefetch: int | None = None) -> np.ndarray:
         """Embed items -> float32 array (n, H), rows L2-normalised unless ``normalize=False``.
 
         Items are sorted by length internally so batches carry little padding; rows come
         back in input order. Errors name ``where`` and the item's position (e.g.
-        ``where="corpus.jsonl row"`` gives "corpus.jsonl row 4312: ...").
+        ``where="corpus.jsonl row"`` gives "corpus.jsonl row 4312: ..."). Up to ``prefetch``
+        batches are prepared (images decoded, tokenised; pinned when the model is on a GPU)
+        in a background thread while the model runs (:mod:`rematch.prefetch`; 0: in line).
+        The default, None, is 2 on a GPU and 0 on a CPU, where the preparation competes with
+        the forward for the same cores (benchmarks/RESULTS.md: 0.82x on a 2-core VM).
         """
+        from rematch.prefetch import Prefetcher
+
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if prefetch is None:
+            prefetch = 2 if self.device.type == "cuda" else 0
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be an integer >= 0 or None, got {prefetch!r}")
         items = self._for_role(as_items(list(items), where), role)
         output = np.zeros((len(items), self.hidden_size), dtype=np.float32)
         if not items:
@@ -251,22 +301,34 @@ class ReMatchModel(nn.Module):
         order = sorted(range(len(items)), key=lambda i: -self.adapter.estimate_length(items[i]))
         was_training = self.training
         self.eval()
+        pin = self.device.type == "cuda"
+
+        def prepare(indices: list[int]) -> EncoderBatch:
+            batch = self.adapter.prepare([items[i] for i in indices], self.num_tokens, where=where, indices=indices)
+            return batch.pin_memory() if pin else batch
+
         try:
             batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-            for indices in tqdm(batches, disable=not show_progress, desc=f"encode {role}s", unit="batch"):
-                batch = self.adapter.prepare([items[i] for i in indices], self.num_tokens, where=where,
-                                             indices=indices)
-                result = self.embed(batch, role)
-                vectors = result.embedding if normalize else result.fused.float()
-                if not torch.isfinite(vectors).all():
-                    raise FloatingPointError(f"non-finite embedding for item(s) {indices}")
-                norms = vectors.norm(dim=-1)
-                if normalize and not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
-                    raise FloatingPointError(f"embedding of item(s) {indices} is not unit length (a zero vector?)")
-                output[indices] = vectors.cpu().numpy()
+            with Prefetcher(prepare, batches, depth=prefetch) as prepared, \
+                    tqdm(total=len(batches), disable=not show_progress, desc=f"encode {role}s", unit="batch") as bar:
+                for indices, batch in prepared:
+                    self._encode_batch(batch, indices, role, normalize, output)
+                    bar.update(1)
         finally:
             self.train(was_training)
         return output
+
+    def _encode_batch(self, batch: EncoderBatch, indices: list[int], role: str, normalize: bool,
+                      output: np.ndarray) -> None:
+        """One prepared batch of :meth:`encode` into its rows of ``output``."""
+        result = self.embed(batch, role)
+        vectors = result.embedding if normalize else result.fused.float()
+        if not torch.isfinite(vectors).all():
+            raise FloatingPointError(f"non-finite embedding for item(s) {indices}")
+        norms = vectors.norm(dim=-1)
+        if normalize and not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+            raise FloatingPointError(f"embedding of item(s) {indices} is not unit length (a zero vector?)")
+        output[indices] = vectors.cpu().numpy()
 
     # ------------------------------------------------------------------ matching pieces
 
@@ -311,12 +373,14 @@ class ReMatchModel(nn.Module):
         from rematch.serialization import weights_fingerprint
 
         state = self.state_dict(keep_vars=True)
+        # padding_free changes how a batch is laid out, not the vectors: it is no part of the identity
+        identity = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "padding_free"}
         key = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state.items())
         cached = getattr(self, "_fingerprint_cache", None)
         if cached is None or cached[0] != key:
             self._fingerprint_cache = (key, weights_fingerprint(state))
         weights = self._fingerprint_cache[1]
-        config = repr(sorted(dataclasses.asdict(self.config).items()))
+        config = repr(sorted(identity.items()))
         return hashlib.sha256(f"{config}|{weights}".encode()).hexdigest()[:24]
 
     def merge_lora(self) -> "ReMatchModel":

@@ -93,6 +93,8 @@ def _sampled_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def save_rematch_model(model, path: Path, overwrite: bool = False) -> None:
+    from rematch.export.card import write_saved_model_card
+
     backbone = model.backbone
     is_peft = hasattr(backbone, "peft_config")
     meta: dict[str, Any] = {
@@ -120,6 +122,7 @@ def save_rematch_model(model, path: Path, overwrite: bool = False) -> None:
         model.processor.save_pretrained(directory)
         save_file(heads, str(directory / HEADS_NAME), metadata={"format": "pt"})
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_saved_model_card(model, directory, path)  # README.md (+ the run's config when saved into a run)
 
     write_directory_atomically(path, write, is_ours=lambda target: (target / CONFIG_NAME).is_file(),
                                what="a saved ReMatch model", overwrite=overwrite)
@@ -289,7 +292,7 @@ def _load_peft_backbone(path: Path, config: ModelConfig, meta: Mapping[str, Any]
         raise CheckpointMismatchError(f"{path / 'adapter_config.json'}: not valid JSON ({error})") from error
     if not isinstance(adapter_config, dict):
         raise CheckpointMismatchError(f"{path / 'adapter_config.json'}: expected a JSON object")
-    if config.backbone == "tiny":
+    if config.backbone in ("tiny", "tiny-pretrained"):  # built offline / shipped with the package
         base, processor = load_backbone(config)
     else:
         # the base is referenced by name (a hub id or a path): resolved like any model spec

@@ -12,6 +12,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from rematch.backbones.attention import load_time_attention
 from rematch.backbones.base import BackboneAdapter, EncoderBatch
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
 from rematch.backbones.qwen_vl import QwenVLAdapter
@@ -45,7 +46,8 @@ def load_weights(model_class: type[PreTrainedModel], path: str | Path, dtype: to
     from safetensors import SafetensorError
 
     try:
-        model, info = model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+        model, info = model_class.from_pretrained(path, dtype=dtype,
+                                                  attn_implementation=load_time_attention(attn_implementation),
                                                   ignore_mismatched_sizes=True, output_loading_info=True)
     except StrictDataclassError as error:
         raise CheckpointFilesError(f"{Path(path) / 'config.json'} is not a valid configuration: "
@@ -88,11 +90,16 @@ def load_pretrained_backbone(name_or_path: str | Path, config: ModelConfig
 
 def load_backbone(config: ModelConfig, device: str | torch.device = "cpu"
                   ) -> tuple[PreTrainedModel, ImageOnlyQwenVLProcessor]:
-    """The backbone ``config.backbone`` names: a checkpoint, or ``"tiny"`` built offline on ``device``."""
+    """The backbone ``config.backbone`` names: a checkpoint, ``"tiny"`` built offline on ``device``, or
+    the shipped ``"tiny-pretrained"`` (:mod:`rematch.backbones.pretrained_tiny`)."""
+    from rematch.backbones.pretrained_tiny import PRETRAINED_TINY, load_pretrained_tiny
+
+    if config.backbone == PRETRAINED_TINY:
+        return load_pretrained_tiny(config, device=device)
     if config.backbone == "tiny":
         model, processor = build_tiny_backbone(config.tiny_family, config.tiny_size, config.seed,
                                                dtype=TORCH_DTYPES[config.dtype], device=device)
-        model.set_attn_implementation(config.attn_implementation)
+        model.set_attn_implementation(load_time_attention(config.attn_implementation))
         return model, processor
     model, processor = load_pretrained_backbone(config.backbone, config)
     return model.to(device), processor

@@ -35,6 +35,9 @@ class EncoderBatch:
     num_slots: int  # K learnable-token slots at the end of every row
     pixel_values: torch.Tensor | None = None  # (patches, C*T*P*P), all images of the batch
     image_grid_thw: torch.Tensor | None = None  # (images, 3)
+    image_features: torch.Tensor | None = None
+    """(image tokens, H) the vision tower's merged outputs for these images, computed ahead
+    (:mod:`rematch.training.vision_cache`) when the tower is frozen; None: run the tower."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -47,7 +50,11 @@ class EncoderBatch:
         """
         has_image = self.mm_token_type_ids.bool().any(dim=1).tolist()
         first_image, last_image = sum(has_image[:start]), sum(has_image[:stop])
-        pixel_values = image_grid_thw = None
+        pixel_values = image_grid_thw = image_features = None
+        if self.image_features is not None:
+            image_tokens = self.mm_token_type_ids.bool().sum(dim=1).tolist()
+            begin, end = sum(image_tokens[:start]), sum(image_tokens[:stop])
+            image_features = self.image_features[begin:end] if end > begin else None
         if self.image_grid_thw is not None and last_image > first_image:
             patches = self.image_grid_thw.prod(dim=1).tolist()
             begin, end = sum(patches[:first_image]), sum(patches[:last_image])
@@ -64,16 +71,29 @@ class EncoderBatch:
             num_slots=self.num_slots,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
+            image_features=image_features,
         )
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "EncoderBatch":
+    def image_token_counts(self) -> list[int]:
+        """Image tokens per image, in image order (each row holds at most one image)."""
+        counts = self.mm_token_type_ids.bool().sum(dim=1).tolist()
+        return [int(count) for count in counts if count]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "EncoderBatch":
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None)
+                value = value.to(device, dtype=dtype if (dtype is not None and value.is_floating_point()) else None,
+                                 non_blocking=non_blocking)
             moved[f.name] = value
         return EncoderBatch(**moved)
+
+    def pin_memory(self) -> "EncoderBatch":
+        """A copy in page-locked memory, so the copy to a GPU can overlap other work (``non_blocking``)."""
+        return EncoderBatch(**{f.name: (value.pin_memory() if isinstance(value, torch.Tensor) else value)
+                               for f in fields(self) for value in [getattr(self, f.name)]})
 
 
 @dataclass
@@ -143,6 +163,12 @@ class BackboneAdapter(ABC):
         """Tokenise texts with the given images (in order of their image marks), unpadded."""
 
     @abstractmethod
+    def tokenize_blocks_with_grids(self, texts: Sequence[str], image_grids: Sequence[Sequence[int]]
+                                   ) -> "TokenizedBlocks":
+        """Tokenise texts whose images are already processed (``image_grids``, in order of their
+        image marks): the same ids as :meth:`tokenize_blocks`, without touching a pixel."""
+
+    @abstractmethod
     def block_positions(self, token_types: Sequence[int], image_grids: Sequence[Sequence[int]],
                         start: int) -> tuple[torch.Tensor, int]:
         """(3, n) position ids of one block starting at ``start``, and the next free position."""
@@ -162,14 +188,29 @@ class BackboneAdapter(ABC):
         """Width of the language model's hidden states (= its input embeddings)."""
 
     @abstractmethod
+    def image_features(self, backbone: nn.Module, pixel_values: torch.Tensor,
+                       image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Encode images: the vision tower's merged outputs of all images, concatenated (image tokens, H)."""
+
+    @abstractmethod
     def input_embeddings(self, backbone: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                         image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the vision tower's outputs placed at image tokens: (B, L, H)."""
+                         image_grid_thw: torch.Tensor | None = None,
+                         image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the vision tower's outputs placed at image tokens: (B, L, H).
+
+        ``image_features`` (from :meth:`image_features`, computed earlier) replaces running the
+        tower on ``pixel_values``: the forward with precomputed image features."""
 
     @abstractmethod
     def language_model(self, backbone: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: torch.Tensor) -> torch.Tensor:
         """Final-layer (normed) hidden states (B, L, H). ``attention_mask`` is 2-D or a 4-D boolean mask."""
+
+    @abstractmethod
+    def packed_language_model(self, backbone: nn.Module, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                              lengths: torch.Tensor) -> torch.Tensor:
+        """Final states (1, T, H) of ``len(lengths)`` sequences packed into one row, each attending
+        only to itself (the padding-free embedding forward)."""
 
     @abstractmethod
     def output_rows(self, backbone: nn.Module, token_ids: Sequence[int]) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from rematch.backbones.attention import configure_attention, mask_for_kernel, masked_attention
 from rematch.backbones.base import BackboneAdapter, EncoderBatch, TokenizedBlocks
 from rematch.config import ModelConfig
 from rematch.data.images import load_image_for_model, target_size
@@ -61,6 +62,14 @@ def mrope_positions(token_types: Iterable[int], image_grids: Iterable[Sequence[i
     if not chunks:
         return torch.zeros(3, 0, dtype=torch.long), start
     return torch.cat(chunks, dim=1), position
+
+
+#: Images reach the processor already resized by :func:`rematch.data.images.load_image_for_model`
+#: (Qwen's smart resize, sides multiples of 28). Resizing again is not a no-op in one corner:
+#: when shrinking to ``max_pixels`` lands below ``min_pixels`` (e.g. 100 x 70 px with
+#: min = max = 3136), a second smart resize grows the image past ``max_pixels`` -- a size plain
+#: transformers, which resizes once, never produces.
+ALREADY_SIZED = {"do_resize": False}
 
 
 class QwenVLAdapter(BackboneAdapter):
@@ -144,7 +153,7 @@ class QwenVLAdapter(BackboneAdapter):
     def tokenize_blocks(self, texts: Sequence[str], images: Sequence) -> TokenizedBlocks:
         with self._processor_lock:
             encoded = self.processor(text=list(texts), images=list(images) or None, padding=False,
-                                     return_mm_token_type_ids=True)
+                                     return_mm_token_type_ids=True, **ALREADY_SIZED)
         grids = [list(map(int, grid)) for grid in encoded.get("image_grid_thw", [])]
         pixel_values = encoded.get("pixel_values")
         return TokenizedBlocks(
@@ -154,6 +163,35 @@ class QwenVLAdapter(BackboneAdapter):
             pixel_values=None if pixel_values is None else torch.as_tensor(pixel_values),
             patches_per_image=[t * h * w for t, h, w in grids],
         )
+
+    def tokenize_blocks_with_grids(self, texts: Sequence[str], image_grids: Sequence[Sequence[int]]
+                                   ) -> TokenizedBlocks:
+        """Expand each ``<|image_pad|>`` to its image's token count (what the processor does when
+        given the image) and tokenise without images."""
+        grids = iter(image_grids)
+        image_token = self.processor.image_token
+        merge = self.spatial_merge ** 2
+
+        def expand(text: str) -> str:
+            pieces = text.split(image_token)
+            out = [pieces[0]]
+            for piece in pieces[1:]:
+                grid = next(grids, None)
+                if grid is None:
+                    raise ValueError(f"more image marks in the texts than the {len(image_grids)} image grids given")
+                t, h, w = (int(v) for v in grid)
+                out += [image_token * (t * h * w // merge), piece]
+            return "".join(out)
+
+        expanded = [expand(text) for text in texts]
+        if next(grids, None) is not None:
+            raise ValueError(f"{len(image_grids)} image grids for fewer image marks in the texts")
+        with self._processor_lock:  # the processor refuses image tokens without images: tokenise directly
+            input_ids = [list(ids) for ids in self.tokenizer(expanded, padding=False)["input_ids"]]
+        return TokenizedBlocks(input_ids=input_ids,
+                               token_types=[[int(t == self.image_token_id) for t in ids] for ids in input_ids],
+                               image_grids=[list(map(int, g)) for g in image_grids], pixel_values=None,
+                               patches_per_image=[int(t) * int(h) * int(w) for t, h, w in image_grids])
 
     def block_positions(self, token_types: Sequence[int], image_grids: Sequence[Sequence[int]],
                         start: int) -> tuple[torch.Tensor, int]:
@@ -173,7 +211,7 @@ class QwenVLAdapter(BackboneAdapter):
         images = self.load_images(items, where, indices)
         with self._processor_lock:
             encoded = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                     return_tensors="pt", return_mm_token_type_ids=True)
+                                     return_tensors="pt", return_mm_token_type_ids=True, **ALREADY_SIZED)
         input_ids = encoded["input_ids"]
         attention_mask = encoded["attention_mask"]
         lengths = attention_mask.sum(dim=1).tolist()
@@ -248,16 +286,21 @@ class QwenVLAdapter(BackboneAdapter):
     def image_features(self, backbone: nn.Module, pixel_values: torch.Tensor,
                        image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Merged vision-tower outputs of all images, concatenated: (image tokens, H)."""
+        configure_attention(self.causal_lm(backbone), self.config.attn_implementation)
         output = self.core(backbone).get_image_features(pixel_values, image_grid_thw)
         features = getattr(output, "pooler_output", output)
         return torch.cat(list(features), dim=0) if isinstance(features, (list, tuple)) else features
 
     def input_embeddings(self, backbone: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                         image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+                         image_grid_thw: torch.Tensor | None = None,
+                         image_features: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.text_embeddings(backbone, input_ids)
-        if pixel_values is None:
+        if image_features is not None:
+            features = image_features.to(embeds.device)
+        elif pixel_values is None:
             return embeds
-        features = self.image_features(backbone, pixel_values, image_grid_thw)
+        else:
+            features = self.image_features(backbone, pixel_values, image_grid_thw)
         image_mask = input_ids == self.image_token_id
         if int(image_mask.sum()) != features.shape[0]:
             raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
@@ -265,9 +308,40 @@ class QwenVLAdapter(BackboneAdapter):
 
     def language_model(self, backbone: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                        position_ids: torch.Tensor) -> torch.Tensor:
-        output = self.core(backbone).language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return output.last_hidden_state
+        causal_lm = self.causal_lm(backbone)
+        configure_attention(causal_lm, self.config.attn_implementation)
+        language_model = self.core(backbone).language_model
+        if attention_mask.dim() == 2:
+            return language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+            raise ValueError(f"attention_mask must be 2-D or a 4-D boolean block mask, got {attention_mask.dim()}-D "
+                             f"{attention_mask.dtype}")
+        with masked_attention(causal_lm) as kernel:
+            mask = mask_for_kernel(attention_mask, kernel, inputs_embeds.dtype)
+            return language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+
+    def packed_language_model(self, backbone: nn.Module, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                              lengths: torch.Tensor) -> torch.Tensor:
+        """Final states of several sequences packed into one row (1, T, H), each attending only to itself.
+
+        Under flash-attention the sequences run variable-length (transformers finds their
+        boundaries where the text position ids restart at 0; none of the 4-D mask is built);
+        otherwise a block-diagonal causal 4-D mask does the same on sdpa/eager.
+        """
+        causal_lm = self.causal_lm(backbone)
+        if configure_attention(causal_lm, self.config.attn_implementation).startswith("flash"):
+            text_positions = torch.cat([torch.arange(int(n), device=position_ids.device) for n in lengths.tolist()])
+            positions = torch.cat([text_positions.view(1, 1, -1), position_ids], dim=0)  # (4, 1, T)
+            return self.core(backbone).language_model(inputs_embeds=inputs_embeds, attention_mask=None,
+                                                      position_ids=positions, use_cache=False).last_hidden_state
+        owner = torch.repeat_interleave(torch.arange(len(lengths), device=inputs_embeds.device),
+                                        lengths.to(inputs_embeds.device))
+        total = owner.shape[0]
+        causal = torch.ones(total, total, dtype=torch.bool, device=inputs_embeds.device).tril()
+        mask = (owner[:, None] == owner[None, :]) & causal
+        return self.language_model(backbone, inputs_embeds, mask[None, None], position_ids)
 
     def output_rows(self, backbone: nn.Module, token_ids: Sequence[int]) -> torch.Tensor:
         weight = self.causal_lm(backbone).get_output_embeddings().weight

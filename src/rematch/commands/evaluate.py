@@ -80,6 +80,17 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generative(args: argparse.Namespace) -> int:
+    from rematch.evaluation.generative import evaluate_generative, format_table, load_generative_model, write_result
+
+    model = load_generative_model(args.model, image_size=args.image_size, device=args.device)
+    result = evaluate_generative(model, per_type=args.scenes, seed=args.seed, batch_size=args.batch_size)
+    print(format_table(result))
+    if args.out:
+        print(f"written: {write_result(result, args.out)}")
+    return 0
+
+
 def _common(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
     from rematch.commands.loading import ALLOW_UNTRAINED_HELP
 
@@ -142,3 +153,19 @@ def register(sub) -> None:
     retrieval.add_argument("--out", default=None, help="directory for retrieval.json")
     retrieval.add_argument("--json", action="store_true", help="print the result as JSON only")
     retrieval.set_defaults(func=cmd_retrieval)
+
+    generative = groups.add_parser(
+        "generative", help="the backbone as an MLLM on held-out scenes: accuracy per question type, Yes/No "
+                           "verification of true captions and compositional foils")
+    generative.add_argument("--model", required=True,
+                            help="tiny-pretrained, a `rematch pretrain` model directory, a backbone or ReMatch "
+                                 "model directory, or a hub id")
+    generative.add_argument("--scenes", type=positive_int, default=200,
+                            help="held-out scenes per question type (and per true-caption / foil group)")
+    generative.add_argument("--seed", type=int, default=0, help="seed of the held-out scene stream")
+    generative.add_argument("--image-size", type=positive_int, default=None,
+                            help="image side in pixels (default: what the model was pre-trained at, else 112)")
+    generative.add_argument("--batch-size", type=positive_int, default=64)
+    generative.add_argument("--device", default=None, help="e.g. cuda:1 or cpu (default: cuda when available)")
+    generative.add_argument("--out", default=None, help="directory for generative.json")
+    generative.set_defaults(func=cmd_generative)

@@ -22,12 +22,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     from rematch.retrieval.index import IndexSpec, build_index
 
     IndexSpec(index_type=args.index_type, nlist=args.nlist, hnsw_m=args.hnsw_m).validate()  # before any work
+    from rematch.evaluation.distributed import is_main_process, torchrun_session
+
     corpus = read_corpus(args.corpus, args.image_root, instruction=args.instruction)
-    print(f"read {len(corpus)} items from {args.corpus}")
-    model = load_model(args.model, args.device, allow_untrained=args.allow_untrained)
-    build_index(model, corpus.items, corpus.ids, args.out, metadata=corpus.metadata, index_type=args.index_type,
-                nlist=args.nlist, hnsw_m=args.hnsw_m, shard_size=args.shard_size, batch_size=args.batch_size,
-                overwrite=args.overwrite, model_source=_model_source(args.model), show_progress=args.progress)
+    with torchrun_session() as device:  # under torchrun each rank encodes its share of the shards
+        if is_main_process():
+            print(f"read {len(corpus)} items from {args.corpus}")
+        model = load_model(args.model, device or args.device, allow_untrained=args.allow_untrained)
+        build_index(model, corpus.items, corpus.ids, args.out, metadata=corpus.metadata, index_type=args.index_type,
+                    nlist=args.nlist, hnsw_m=args.hnsw_m, shard_size=args.shard_size, batch_size=args.batch_size,
+                    overwrite=args.overwrite, model_source=_model_source(args.model), show_progress=args.progress)
     return 0
 
 

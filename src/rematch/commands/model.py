@@ -41,19 +41,21 @@ def check_npy_output(path: str, overwrite: bool) -> Path:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from rematch.atomic import write_atomically
+    """One process, or every rank of ``torchrun`` (each encodes its share of the shards; rank 0 writes)."""
     from rematch.commands.loading import load_model
     from rematch.data.items import as_items
+    from rematch.evaluation.distributed import torchrun_session
+    from rematch.retrieval.sharded import encode_to_npy
 
     out = check_npy_output(args.out, args.overwrite)
     where = f"{args.input} row"
     items = as_items(read_jsonl(args.input), where=where)
-    model = load_model(args.model, args.device, allow_untrained=args.allow_untrained)
-    vectors = model.encode(items, role=args.role, batch_size=args.batch_size, show_progress=True, where=where)
-    write_atomically(out, lambda handle: np.save(handle, vectors))  # a crash never leaves half an array
-    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} {args.role} embeddings to {out}")
+    with torchrun_session() as device:
+        model = load_model(args.model, device or args.device, allow_untrained=args.allow_untrained)
+        shape = encode_to_npy(model, items, out, role=args.role, batch_size=args.batch_size,
+                              shard_size=args.shard_size, show_progress=True, where=where)
+    if shape is not None:  # rank 0 (or the only process)
+        print(f"wrote {shape[0]} x {shape[1]} {args.role} embeddings to {out}")
     return 0
 
 
@@ -96,6 +98,9 @@ def register(sub) -> None:
     encode.add_argument("--role", default="query", choices=["query", "document"])
     encode.add_argument("--out", required=True, help="output .npy path")
     encode.add_argument("--batch-size", type=positive_int, default=16)
+    encode.add_argument("--shard-size", type=positive_int, default=4096,
+                        help="items per shard; an interrupted run resumes from the finished shards, and under "
+                             "torchrun each rank encodes its share of them")
     encode.add_argument("--overwrite", action="store_true",
                         help="replace whatever file is at --out (by default only a .npy array is replaced)")
     add_model_loading_flags(encode)

@@ -66,4 +66,4 @@ def register(sub) -> None:
     train.add_argument("--overwrite", action="store_true",
                        help="start over in a run directory that holds a previous run (deletes that run's outputs)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.set_defaults(func=cmd_train, overrides=[])
+    train.set_defaults(func=cmd_train, overrides=[], accepts_overrides=True)

@@ -15,7 +15,7 @@ to, so the loss can still treat every negative as a negative for every query.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from rematch.backbones.base import EncoderBatch
 from rematch.data.images import ImageLoadError
@@ -49,6 +49,12 @@ class TrainBatch:
     negative_items: list[Item]
     refs: list[RowRef | None]
     subsets: list[str] = field(default_factory=list)
+    matching_views: Any = None
+    """:class:`rematch.matching.MatchingViews` of every item, tokenised from the already
+    processed images (collators built with ``matching=True``); None: the step makes them."""
+    image_features: list | None = None
+    """Per image of the step (queries', positives', negatives' images in row order): the frozen
+    vision tower's output, filled in by :mod:`rematch.training.vision_cache`; None: not computed."""
 
     def __len__(self) -> int:
         return len(self.query_items)
@@ -63,8 +69,9 @@ class TrainCollator:
     """
 
     def __init__(self, model, skip_bad: bool = False, report: BadRowReport | None = None,
-                 all_negatives: bool = False, with_negatives: bool = True):
+                 all_negatives: bool = False, with_negatives: bool = True, matching: bool = False):
         self.model = model
+        self.matching = matching  # True: also tokenise the matching branch's views here (off the training thread)
         self.skip_bad = skip_bad
         self.report = report if report is not None else BadRowReport()
         self.all_negatives = all_negatives
@@ -110,11 +117,21 @@ class TrainCollator:
         prepare = self.model.prepare
         subsets = [e.subset for e in examples]
         config = self.model.config
+        query_batch = prepare(queries, role="query", where="query")
+        positive_batch = prepare(document_items(positives, subsets, config), role="document", where="positive")
+        negative_batch = prepare(document_items(negatives, [subsets[i] for i in owner], config), role="document",
+                                 where="negative", indices=owner) if negatives else None
+        views = None
+        if self.matching:
+            from rematch.matching import training_views
+
+            views = training_views(self.model.adapter, queries, query_batch, positives, positive_batch, negatives,
+                                   negative_batch, owner)
         return TrainBatch(
-            queries=prepare(queries, role="query", where="query"),
-            positives=prepare(document_items(positives, subsets, config), role="document", where="positive"),
-            negatives=prepare(document_items(negatives, [subsets[i] for i in owner], config), role="document",
-                              where="negative", indices=owner) if negatives else None,
+            queries=query_batch,
+            positives=positive_batch,
+            negatives=negative_batch,
+            matching_views=views,
             negative_owner=owner,
             query_items=queries,
             positive_items=positives,

@@ -1,8 +1,8 @@
 """``rematch demo``: shapes world -> ablation training -> MMEB evaluation -> index -> report.
 
 Everything runs offline on a CPU: the built-in shapes world is generated once, every
-ablation row is trained from the same tiny random backbone with the same data, budget and
-seeds, evaluated on the five shapes subsets with the MMEB protocol (first stage, and
+ablation row fine-tunes the same shipped pretrained tiny backbone (or, for the
+``--from-scratch`` row, a random one) with the same data, budget and seeds, evaluated on the five shapes subsets with the MMEB protocol (first stage, and
 reranked by the matching head for the rows that trained it), and the full model indexes
 the evaluation images for two example searches. ``report.md`` collects the numbers;
 every number in it comes from these runs.
@@ -10,6 +10,7 @@ every number in it comes from these runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -49,7 +50,7 @@ def row_config(settings: DemoSettings, row: AblationRow, seed: int, data_root: P
     """The full training config of one ablation row: shared settings, then the row's overrides."""
     side = settings.image_size
     shared = {
-        "model.backbone": "tiny", "model.tiny_family": "qwen2_vl", "model.tiny_size": "tiny",
+        "model.backbone": settings.backbone, "model.tiny_family": "qwen2_vl", "model.tiny_size": "tiny",
         "model.seed": seed, "model.min_pixels": side * side, "model.max_pixels": side * side,
         "data.source": str(data_root), "data.subsets": list(SUBSETS),
         "loss.temperature": settings.temperature,
@@ -123,7 +124,8 @@ def example_searches(settings: DemoSettings, data_root: Path, model_dir: Path) -
     examples = list(iter_eval_examples(str(data_root), "ShapesT2I"))
     paths = sorted({str(c.image) for e in examples for c in e.candidates if c.image is not None})
     items = [{"image": path, "text": "Represent the given image."} for path in paths]
-    index = build_index(model, items, [Path(p).name for p in paths], settings.out / "index", overwrite=True)
+    index = build_index(model, items, [Path(p).name for p in paths], settings.out / "index", overwrite=True,
+                        log=None)
     first = examples[0]
     queries = [(first.query.text, Path(str(first.candidates[0].image)).name),
                (f"{T2I_INSTRUCTION} a large red circle", None)]
@@ -135,8 +137,32 @@ def example_searches(settings: DemoSettings, data_root: Path, model_dir: Path) -
     return searches
 
 
+@contextlib.contextmanager
+def demo_environment(threads: int):
+    """The demo's process settings, put back afterwards: ``threads`` torch threads, and no
+    weight-loading / shard-writing progress bars from transformers (the terminal shows one
+    line per row instead)."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    old_threads, bars = torch.get_num_threads(), transformers_logging.is_progress_bar_enabled()
+    torch.set_num_threads(threads)
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> DemoResult:
     """Run the whole demo and write ``settings.out/report.md``; returns what was measured."""
+    with demo_environment(settings.threads):
+        return _run_demo(settings, log)
+
+
+def _run_demo(settings: DemoSettings, log: Callable[[str], None]) -> DemoResult:
     from rematch.demo.report import write_report
 
     started = time.perf_counter()

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from rematch.demo.settings import COMPOSITIONAL, ROWS, SUBSETS, DemoSettings
+from rematch.demo.settings import ALL_ROWS, COMPOSITIONAL, SUBSETS, DemoSettings
 
 GROUPS = ("classification", "vqa", "retrieval", "grounding", "overall")
 COLUMNS = (*SUBSETS, *GROUPS)
@@ -85,7 +85,7 @@ def plot_loss_curves(records, path: Path) -> Path:
 
     terms = ("loss", "contrastive", "orthogonality", "matching")
     figure, axes = plt.subplots(1, len(terms), figsize=(4.2 * len(terms), 3.4))
-    for row in ROWS:
+    for row in ALL_ROWS:
         run = next((r for r in records if r.row == row.name and r.seed == 0), None)
         if run is None:
             continue
@@ -196,7 +196,7 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
         f"Command: `{command}`  ",
         f"Total time: {seconds / 60:.1f} min on this machine ({_machine()}); "
         + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in timings.items()) + ".", "",
-        f"Setting: tiny random Qwen2-VL (1.1M parameters, trained from scratch), built-in shapes world "
+        f"Setting: {_start(settings)}, built-in shapes world "
         f"({settings.train_rows} training rows, one hard negative each), {settings.steps} steps x batch "
         f"{settings.batch_size}, lr {settings.lr}, temperature {settings.temperature}, {settings.image_size} px, "
         f"{settings.seeds} seed(s) (0..{settings.seeds - 1}; the seed sets the backbone init and the data order). "
@@ -246,6 +246,17 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _start(settings: DemoSettings) -> str:
+    """What every row fine-tunes, in words (the from-scratch row says so in its own label)."""
+    if settings.backbone == "tiny":
+        return "tiny random Qwen2-VL (1.1M parameters, trained from scratch)"
+    if settings.backbone == "tiny-pretrained":
+        return ("the shipped tiny Qwen2-VL pretrained generatively on held-out shapes scenes (`tiny-pretrained`, "
+                "docs/pretraining.md), fine-tuned by every row"
+                + ("; the from-scratch row starts from a random backbone instead" if settings.from_scratch else ""))
+    return f"backbone `{settings.backbone}`, fine-tuned by every row"
 
 
 def terminal_table(records, settings: DemoSettings) -> str:

@@ -2,7 +2,10 @@
 
 The rows follow the paper's ablation (METHOD.md section 6), each adding one ingredient to
 the previous one; every row trains with the same data, steps, batch, learning rate and
-seeds, so differences come from the method alone.
+seeds, so differences come from the method alone. Like the paper, every row fine-tunes a
+pretrained MLLM: the shipped ``tiny-pretrained`` backbone, which already answers questions
+about the shapes world (docs/pretraining.md). ``--from-scratch`` adds the full recipe from a
+random backbone as a row of its own, which shows what the pre-training buys.
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ def _cumulative_rows() -> tuple[AblationRow, ...]:
 
 ROWS: tuple[AblationRow, ...] = _cumulative_rows()
 
+#: The full recipe from a random tiny backbone instead of the pretrained one (``--from-scratch``).
+FROM_SCRATCH = AblationRow("from_scratch", "full ReMatch, random start (no pre-training)",
+                           {**ROWS[-1].overrides, "model.backbone": "tiny"}, uses_matching=True)
+ALL_ROWS: tuple[AblationRow, ...] = (*ROWS, FROM_SCRATCH)
+
+#: The backbone every row fine-tunes unless it says otherwise.
+PRETRAINED_BACKBONE = "tiny-pretrained"
+
 
 @dataclass
 class DemoSettings:
@@ -58,13 +69,21 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 3e-4
     temperature: float = 0.02
-    image_size: int = 56
+    image_size: int = 112
+    """Image side the model sees: the pretrained backbone's (at 56 px a shape covers ~5% of a visual token)."""
     rerank_top: int = 5
+    backbone: str = PRETRAINED_BACKBONE
+    from_scratch: bool = False
+    threads: int = 1
+    """torch threads while the demo runs. One: the tiny model's matrices are too small to gain from
+    more, and with two threads a second busy process on a 2-core machine made training steps
+    ~20x slower (OpenMP threads waiting on each other); measured in benchmarks/RESULTS.md."""
     rows: tuple[str, ...] = field(default_factory=lambda: tuple(row.name for row in ROWS))
 
     @classmethod
-    def create(cls, out: str | Path = "runs/demo", quick: bool = False, seeds: int = 1, **overrides) -> "DemoSettings":
-        settings = cls(out=Path(out), quick=quick, seeds=seeds)
+    def create(cls, out: str | Path = "runs/demo", quick: bool = False, seeds: int = 1, from_scratch: bool = False,
+               **overrides) -> "DemoSettings":
+        settings = cls(out=Path(out), quick=quick, seeds=seeds, from_scratch=from_scratch)
         if quick:
             settings.train_rows, settings.eval_queries, settings.eval_candidates = 200, 10, 20
             settings.steps, settings.batch_size, settings.rerank_top = 12, 8, 3
@@ -73,10 +92,14 @@ class DemoSettings:
                 setattr(settings, key, value)
         if settings.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {settings.seeds}")
-        unknown = set(settings.rows) - {row.name for row in ROWS}
+        if settings.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {settings.threads}")
+        unknown = set(settings.rows) - {row.name for row in ALL_ROWS}
         if unknown:
-            raise ValueError(f"unknown ablation rows {sorted(unknown)}; known: {[row.name for row in ROWS]}")
+            raise ValueError(f"unknown ablation rows {sorted(unknown)}; known: {[row.name for row in ALL_ROWS]}")
+        if settings.from_scratch and FROM_SCRATCH.name not in settings.rows:
+            settings.rows = (*settings.rows, FROM_SCRATCH.name)
         return settings
 
     def selected_rows(self) -> list[AblationRow]:
-        return [row for row in ROWS if row.name in self.rows]
+        return [row for row in ALL_ROWS if row.name in self.rows]

@@ -37,7 +37,6 @@ import numpy as np
 
 from rematch.data.items import Item, ItemLike, as_items
 from rematch.evaluation.cache import image_stamp
-from rematch.atomic import write_npz_atomically
 from rematch.retrieval.rerank import check_rerank, rerank
 
 FORMAT_VERSION = 1
@@ -492,7 +491,7 @@ def build_index(model, items: Sequence[ItemLike], ids: Sequence[str], out_dir: s
                 hnsw_m: int = 32, shard_size: int = 4096, batch_size: int = 16, overwrite: bool = False,
                 model_source: str | None = None, show_progress: bool = False,
                 on_shard_done: Callable[[int, int], None] | None = None,
-                log: Callable[[str], None] | None = print) -> Index:
+                log: Callable[[str], None] | None = print) -> Index | None:
     """Encode a corpus in shards and write a complete index to ``out_dir``; rerunning resumes.
 
     Each shard of ``shard_size`` items is written to ``out_dir/shards/`` atomically, with
@@ -502,6 +501,10 @@ def build_index(model, items: Sequence[ItemLike], ids: Sequence[str], out_dir: s
     when all shards exist is the FAISS index assembled and the finished directory
     swapped in; until then ``out_dir`` holds no manifest and cannot be loaded.
     ``on_shard_done(shard, num_shards)`` is called after each newly encoded shard.
+
+    Under ``torchrun`` each rank encodes its share of the shards (see
+    :mod:`rematch.retrieval.sharded`); rank 0 assembles and writes the index and returns
+    it, the other ranks return None once it is written.
     """
     say = log or (lambda _: None)
     out = Path(out_dir)
@@ -516,50 +519,28 @@ def build_index(model, items: Sequence[ItemLike], ids: Sequence[str], out_dir: s
     ids, records = make_records(items, ids, metadata)
     if not items:
         raise ValueError("the corpus is empty")
-    fingerprint = model.fingerprint()
+    from rematch.evaluation.distributed import barrier, is_main_process
+    from rematch.retrieval.sharded import encode_in_shards
+
     shards_dir = out / SHARDS_DIR
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    bounds = [(start, min(len(items), start + shard_size)) for start in range(0, len(items), shard_size)]
-    files = [shards_dir / f"shard-{number:06d}.npz" for number in range(len(bounds))]
-
-    reused = encoded = 0
-    seconds = 0.0
-    dimension = None
-    for number, ((start, stop), file) in enumerate(zip(bounds, files)):
-        expected = shard_hash(ids[start:stop], items[start:stop])
-        vectors = load_finished_shard(file, fingerprint, expected, stop - start)
-        if vectors is not None:
-            reused += 1
-        else:
-            began = time.perf_counter()
-            vectors = model.encode(items[start:stop], role="document", batch_size=batch_size,
-                                   show_progress=show_progress)
-            seconds += time.perf_counter() - began
-            encoded += stop - start
-            write_npz_atomically(file, vectors=vectors.astype(np.float32), ids=np.array(ids[start:stop]),
-                                 fingerprint=np.array(fingerprint), content_hash=np.array(expected))
-            say(f"shard {number + 1}/{len(bounds)}: {stop - start} items encoded")
-            if on_shard_done is not None:
-                on_shard_done(number, len(bounds))
-        if dimension is None:
-            dimension = vectors.shape[1]
-        elif vectors.shape[1] != dimension:
-            raise RuntimeError(f"{file}: vectors of size {vectors.shape[1]}, expected {dimension}")
-    if reused:
-        say(f"reused {reused} of {len(bounds)} finished shard(s) from {shards_dir}")
-    if encoded:
-        say(f"encoded {encoded} items in {seconds:.1f}s ({encoded / max(seconds, 1e-9):.1f} items/s)")
-
-    def chunks() -> Iterator[np.ndarray]:
-        for file in files:
-            with np.load(file, allow_pickle=False) as data:
-                yield data["vectors"]
-
-    faiss_index = assemble_faiss(chunks, len(items), dimension, spec)
+    result = encode_in_shards(model, items, ids, shards_dir, role="document", shard_size=shard_size,
+                              batch_size=batch_size, show_progress=show_progress, on_shard_done=on_shard_done,
+                              log=log)
+    if not is_main_process():  # under torchrun rank 0 assembles and writes; the others wait for it
+        barrier()
+        return None
+    if result.reused:
+        say(f"reused {result.reused} of {len(result.files)} finished shard(s) from {shards_dir}")
+    if result.encoded:
+        say(f"encoded {result.encoded} items in {result.seconds:.1f}s "
+            f"({result.encoded / max(result.seconds, 1e-9):.1f} items/s)")
+    fingerprint, dimension = model.fingerprint(), result.dimension
+    faiss_index = assemble_faiss(result.chunks, len(items), dimension, spec)
     index = Index(faiss_index, records, new_manifest(fingerprint, dimension, spec, len(items), model_source),
                   model=model)
     index.save(out)  # swaps the finished directory in; the shards go with the old one
     say(f"wrote a {spec.index_type} index of {len(items)} items to {out}")
+    barrier()
     return index
 
 

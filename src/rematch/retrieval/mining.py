@@ -477,8 +477,8 @@ def mine_negatives(model, source: str | os.PathLike, out: str | os.PathLike,
         raise MiningError("mining needs a model (only strategy='random' runs without one)")
     out = Path(out).absolute()
     if Path(source).exists() and Path(source).resolve() in (out.resolve(), *out.resolve().parents):
-        raise MiningError(f"the output {out} must not be the source {source} or inside it: it would overwrite "
-                          "the input")
+        raise MiningError(f"the output (--out) {out} must not be the source data (--data) {source} or inside it: "
+                          "it would overwrite the input")
     found = find_subsets(source, split, subsets, image_root)
     fingerprint = model.fingerprint() if model is not None else None
     keys = ContentKeys()

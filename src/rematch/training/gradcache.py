@@ -67,6 +67,7 @@ class GradCache:
     def step(self, batch, step: int = 0) -> dict[str, torch.Tensor]:
         """Forward + backward of the whole batch; leaves the gradients in ``.grad``; returns the (detached) losses."""
         model = self.module.model
+        batch = self.module.prepare_batch(batch)  # frozen tower: image features once, for all three passes
         sides = [("query", batch.queries), ("document", batch.positives)]
         if batch.negatives is not None and self.module.loss_config.hard_negatives:
             sides.append(("document", batch.negatives))

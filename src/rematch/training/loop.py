@@ -137,7 +137,7 @@ def train(config: Config, show_progress: bool = True, log=print) -> TrainResult:
     from rematch.data.collate import TrainCollator
 
     collator = TrainCollator(model, skip_bad=config.data.skip_bad, report=getattr(source, "report", None),
-                             with_negatives=config.loss.hard_negatives)
+                             with_negatives=config.loss.hard_negatives, matching=bool(config.loss.matching))
     stream = BatchStream(source, collator, config.train.batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, workers=max(1, config.data.num_workers))
     step_log = StepLog(out, resume_step=start_step) if is_main else None

@@ -24,6 +24,7 @@ on every rank at every step. Two kinds of parameters would not:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import unicodedata
@@ -38,8 +39,9 @@ from torch import nn
 from rematch.config import LossConfig
 from rematch.data.items import Item
 from rematch.losses import OBJECTIVE, LossWeights, ReMatchLoss
-from rematch.matching import MatchSample, build_packed_batch, build_reference_batch, match_logits
+from rematch.matching import MatchSample, build_packed_batch, build_reference_batch, match_logits, training_views
 from rematch.model import EmbeddingOutput, ReMatchModel
+from rematch.training.vision_cache import with_image_features
 
 
 @dataclass
@@ -140,9 +142,14 @@ def document_identity(item: Item) -> tuple[str, str | None]:
 class ReMatchTrainingModule(nn.Module):
     """Wraps a ReMatchModel with the ReMatch losses; ``forward(batch, step)`` returns the loss dict."""
 
-    def __init__(self, model: ReMatchModel, loss: LossConfig, seed: int = 0, packed_matching: bool = True):
+    def __init__(self, model: ReMatchModel, loss: LossConfig, seed: int = 0, packed_matching: bool = True,
+                 reuse_image_features: bool = True, reuse_processed_images: bool = True):
         super().__init__()
         self.packed_matching = packed_matching  # False: the pair-by-pair reference (benchmarks, tests)
+        # The two False settings are the old path, kept for benchmarks and equivalence tests:
+        # every pass runs the vision tower itself / the matching branch decodes its images again.
+        self.reuse_image_features = reuse_image_features
+        self.reuse_processed_images = reuse_processed_images
         self.model = model
         self.loss_config = loss
         self.criterion = ReMatchLoss(LossWeights(loss.contrastive, loss.orthogonality, loss.matching),
@@ -152,11 +159,23 @@ class ReMatchTrainingModule(nn.Module):
 
     def forward(self, batch, step: int = 0) -> dict[str, torch.Tensor]:
         model = self.model
+        batch = self.prepare_batch(batch)
         queries = model.embed(batch.queries, "query")
         positives = model.embed(batch.positives, "document")
         use_negatives = batch.negatives is not None and self.loss_config.hard_negatives
         negatives = model.embed(batch.negatives, "document") if use_negatives else None
         return self.losses(batch, queries, positives, negatives, step)
+
+    def prepare_batch(self, batch):
+        """The step's shared work, done once: the frozen tower's image features (every pass reuses
+        them) and the matching views (when the collator did not make them in its threads)."""
+        if not self.reuse_processed_images:
+            batch = dataclasses.replace(batch, matching_views=None)
+        elif self.loss_config.matching and batch.matching_views is None:
+            batch = dataclasses.replace(batch, matching_views=training_views(
+                self.model.adapter, batch.query_items, batch.queries, batch.positive_items, batch.positives,
+                batch.negative_items, batch.negatives, batch.negative_owner))
+        return with_image_features(self.model, batch) if self.reuse_image_features else batch
 
     def losses(self, batch, queries: EmbeddingOutput, positives: EmbeddingOutput,
                negatives: EmbeddingOutput | None, step: int = 0) -> dict[str, torch.Tensor]:
@@ -175,7 +194,8 @@ class ReMatchTrainingModule(nn.Module):
                 build = build_packed_batch if self.packed_matching else build_reference_batch
                 match_batch = build(model.adapter, plan.samples, model.config.system_prompt,
                                     model.config.matching_instruction, where="training sample")
-                answer_logits = match_logits(model, match_batch, plan.soft_embeddings)
+                answer_logits = match_logits(model, match_batch, plan.soft_embeddings,
+                                             image_features=batch.image_features)
                 answer_labels = match_batch.labels.to(answer_logits.device)
                 matching_reached = True
                 images_reached = images_reached or match_batch.pixel_values is not None
@@ -210,6 +230,7 @@ class ReMatchTrainingModule(nn.Module):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + rank)
         similarity = (queries.embedding.detach() @ positives.embedding.detach().T).cpu()
         identities: list[tuple[str, str | None]] | None = None  # computed on the first fallback
+        views = batch.matching_views  # the items' raw views, images already processed (None: load them)
         samples, rows, skipped = [], [], 0
         for i in range(size):
             if len(samples) == limit:
@@ -217,6 +238,7 @@ class ReMatchTrainingModule(nn.Module):
             if i in own_negative:
                 j = own_negative[i]
                 negative_item, negative_embedding = batch.negative_items[j], negatives.embedding[j]
+                negative_view = views.negatives[j] if views is not None else None
             elif self.loss_config.in_batch_negatives:
                 if identities is None:
                     identities = [document_identity(item) for item in batch.positive_items]
@@ -225,15 +247,19 @@ class ReMatchTrainingModule(nn.Module):
                     skipped += 1
                     continue
                 negative_item, negative_embedding = batch.positive_items[j], positives.embedding[j]
+                negative_view = views.positives[j] if views is not None else None
             else:
                 skipped += 1
                 continue
             positive_first = bool(torch.rand((), generator=generator) < 0.5)
-            pair = [(batch.positive_items[i], positives.embedding[i], True),
-                    (negative_item, negative_embedding, False)]
+            positive_view = views.positives[i] if views is not None else None
+            pair = [(batch.positive_items[i], positives.embedding[i], True, positive_view),
+                    (negative_item, negative_embedding, False, negative_view)]
             if not positive_first:
                 pair.reverse()
-            samples.append(MatchSample(batch.query_items[i], (pair[0][0], pair[1][0]), (pair[0][2], pair[1][2])))
+            sample_views = (views.queries[i], pair[0][3], pair[1][3]) if views is not None else None
+            samples.append(MatchSample(batch.query_items[i], (pair[0][0], pair[1][0]), (pair[0][2], pair[1][2]),
+                                       views=sample_views))
             rows += [queries.embedding[i], pair[0][1], pair[1][1]]
         soft = torch.stack(rows) if rows else queries.embedding.new_zeros((0, queries.embedding.shape[1]))
         return MatchingPlan(samples, soft, skipped)

@@ -1,0 +1,160 @@
+"""The generative side of a backbone: prompts with answers as batches, the answer-only loss,
+Yes/No scores from two LM-head rows, and greedy decoding.
+
+Pre-training (:mod:`rematch.training.pretrain`) and ``rematch eval generative`` share these,
+so the model is measured on exactly the sequences it was trained on. Every sequence is the
+backbone adapter's own chat format (the one ReMatch's embedding and matching branches use)::
+
+    <|im_start|>system\\n{system prompt}<|im_end|>\\n<|im_start|>user\\n<image>{prompt}<|im_end|>\\n
+    <|im_start|>assistant\\n{answer}<|im_end|>
+
+Batches are left-padded, so every row's answer ends the row: the answer positions are a
+slice at the end, and appending a decoded token appends one column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rematch.backbones.qwen_vl import mrope_positions
+from rematch.data.images import load_image_for_model
+from rematch.data.items import Item
+
+END_OF_TURN = "<|im_end|>"
+
+
+@dataclass
+class GenerativeBatch:
+    """Left-padded prompts (+ answers): the backbone's inputs and where the answers are."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (3, B, L)
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    answer_lengths: list[int]  # tokens at the end of each row that are the answer (0: prompt only)
+
+    def to(self, device: torch.device | str) -> "GenerativeBatch":
+        move = (lambda t: None if t is None else t.to(device))
+        return GenerativeBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                               move(self.pixel_values), move(self.image_grid_thw), list(self.answer_lengths))
+
+
+class GenerativeCollator:
+    """(image, prompt, answer) triples -> :class:`GenerativeBatch`, with the adapter's processor."""
+
+    def __init__(self, adapter, image_size: int):
+        self.adapter = adapter
+        self.image_size = image_size
+
+    def __call__(self, examples: Sequence, with_answers: bool = True) -> GenerativeBatch:
+        """``examples`` have ``image(side)``, ``prompt`` and ``answer`` (see
+        :class:`rematch.world.pretrain_corpus.Example`)."""
+        adapter, config = self.adapter, self.adapter.config
+        texts, images, answer_lengths = [], [], []
+        for index, example in enumerate(examples):
+            image = load_image_for_model(example.image(self.image_size), config.min_pixels, config.max_pixels,
+                                         where=f"example {index}")
+            item = Item(text=example.prompt, image=image)
+            adapter.check_user_text(item, f"example {index}")
+            images.append(image)
+            prompt = adapter.format_item(item, 0)
+            if with_answers:
+                answer = example.answer + END_OF_TURN
+                answer_lengths.append(len(adapter.tokenizer(answer, add_special_tokens=False)["input_ids"]))
+                prompt += answer
+            else:
+                answer_lengths.append(0)
+            texts.append(prompt)
+        with adapter._processor_lock:
+            encoded = adapter.processor(text=texts, images=images, padding=True, padding_side="left",
+                                        return_tensors="pt", return_mm_token_type_ids=True)
+        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        grids = encoded["image_grid_thw"]
+        position_ids = torch.zeros((3, *input_ids.shape), dtype=torch.long)
+        for row in range(len(examples)):
+            valid = attention_mask[row].bool()
+            positions, _ = mrope_positions(encoded["mm_token_type_ids"][row][valid].tolist(), [grids[row].tolist()],
+                                           adapter.spatial_merge)
+            position_ids[:, row, valid] = positions
+        if with_answers:  # the answer tokenised alone must be what ends the row (no merge across the boundary)
+            for row, length in enumerate(answer_lengths):
+                tail = adapter.tokenizer.decode(input_ids[row, -length:])
+                if tail != examples[row].answer + END_OF_TURN:
+                    raise ValueError(f"example {row}: answer {examples[row].answer!r} does not tokenise on its own "
+                                     f"at the end of the sequence (got {tail!r})")
+        return GenerativeBatch(input_ids, attention_mask, position_ids, encoded.get("pixel_values"), grids,
+                               answer_lengths)
+
+
+def final_states(backbone: nn.Module, adapter, batch: GenerativeBatch) -> torch.Tensor:
+    """The language model's final (normed) hidden states (B, L, H)."""
+    embeds = adapter.input_embeddings(backbone, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+    return adapter.language_model(backbone, embeds, batch.attention_mask, batch.position_ids)
+
+
+def answer_loss(backbone: nn.Module, adapter, batch: GenerativeBatch) -> dict[str, torch.Tensor]:
+    """Mean next-token cross-entropy over the answer tokens only (prompts and images are context).
+
+    Logits are computed only at the positions that predict an answer token, not for the
+    whole sequence.
+    """
+    hidden = final_states(backbone, adapter, batch)
+    length = hidden.shape[1]
+    rows, columns = [], []
+    for row, answer in enumerate(batch.answer_lengths):
+        if answer < 1:
+            raise ValueError(f"row {row} has no answer tokens to learn from")
+        rows += [row] * answer
+        columns += range(length - answer - 1, length - 1)  # the state before each answer token predicts it
+    rows_t = torch.tensor(rows, device=hidden.device)
+    columns_t = torch.tensor(columns, device=hidden.device)
+    states = hidden[rows_t, columns_t]
+    weight = adapter.causal_lm(backbone).get_output_embeddings().weight
+    logits = states.to(weight.dtype) @ weight.T
+    targets = batch.input_ids[rows_t, columns_t + 1]
+    loss = F.cross_entropy(logits.float(), targets)
+    return {"loss": loss}
+
+
+@torch.inference_mode()
+def yes_no_logits(backbone: nn.Module, adapter, batch: GenerativeBatch, yes_id: int, no_id: int) -> torch.Tensor:
+    """(B, 2) logits of ["Yes", "No"] as the first answer token, from just those two LM-head rows."""
+    hidden = final_states(backbone, adapter, batch)[:, -1]
+    rows = adapter.output_rows(backbone, [yes_id, no_id])
+    return hidden.to(rows.dtype) @ rows.T
+
+
+@torch.inference_mode()
+def greedy_answers(backbone: nn.Module, adapter, batch: GenerativeBatch, max_new_tokens: int = 8) -> list[str]:
+    """Greedy decoding until ``<|im_end|>`` (or ``max_new_tokens``); returns the decoded answers.
+
+    Each new token is one more column of the left-padded batch, a text token whose three
+    M-RoPE ids follow the row's last position. The whole sequence is recomputed per token
+    (no KV cache): answers are a few tokens and the models this serves are tiny.
+    """
+    end = adapter.tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    weight = adapter.causal_lm(backbone).get_output_embeddings().weight
+    input_ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+    generated = [[] for _ in range(input_ids.shape[0])]
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        step = GenerativeBatch(input_ids, mask, positions, batch.pixel_values, batch.image_grid_thw, [])
+        hidden = final_states(backbone, adapter, step)[:, -1]
+        token = (hidden.to(weight.dtype) @ weight.T).argmax(dim=-1)
+        token = torch.where(finished, torch.full_like(token, end), token)
+        for row, value in enumerate(token.tolist()):
+            if not finished[row] and value != end:
+                generated[row].append(value)
+        finished |= token == end
+        if bool(finished.all()):
+            break
+        input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = torch.cat([positions, positions[:, :, -1:] + 1], dim=2)
+    return [adapter.tokenizer.decode(tokens) for tokens in generated]

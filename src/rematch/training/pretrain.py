@@ -1,0 +1,398 @@
+"""Generative pre-training of a tiny Qwen2-VL from random initialisation on the shapes world.
+
+The paper fine-tunes an MLLM that can already answer "Yes"/"No" about an image; our offline
+backbone starts random and cannot say anything, so the matching loss had nothing to build
+on (issue 12). ``rematch pretrain`` gives it that start in miniature: next-token training
+on the answers of :mod:`rematch.world.pretrain_corpus` (captions, short answers, caption
+verification against compositional foils), in the backbone adapter's chat format with the
+same image processor ReMatch uses later.
+
+It runs on the same training stack as ``rematch train``: config dataclasses + YAML +
+dotted overrides, accelerate, the run-directory rules, atomic checkpoints with exact
+resume, the JSONL/CSV loss log and its plot, and a stop at the first non-finite loss. The
+pieces come from :mod:`rematch.training.loop`, ``checkpoint``, ``run_directory`` and ``logs``;
+what is here is only what differs: the model (a bare backbone, every weight trained), the
+data stream (example ``i`` of the corpus, so a resume continues at an index) and the loss
+(answer tokens only). The result is a plain Hugging Face backbone directory plus
+``pretraining.json``, loadable as ``model.backbone`` of any ReMatch recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rematch.config import ConfigError, ModelConfig, check_seed, dump_yaml
+from rematch.training.generative import GenerativeBatch, GenerativeCollator, answer_loss
+from rematch.world.pretrain_corpus import GENERATOR_VERSION, TASKS, CorpusError, CorpusSpec, make_example
+
+#: What a pre-training run's model directory holds besides the Hugging Face files.
+RECORD_FILE = "pretraining.json"
+WEIGHTS_FILE = "model.safetensors"
+#: Loss-curve rows kept in the record (the reproduction test replays the first of them).
+RECORDED_STEPS = 200
+
+
+@dataclass
+class PretrainModelConfig:
+    """The backbone to pre-train (built offline, randomly initialised from ``seed``)."""
+
+    tiny_family: str = "qwen2_vl"
+    tiny_size: str = "tiny"
+    """tiny (~1M parameters), small (~6M) or base (~20M); see rematch.backbones.tiny."""
+    seed: int = 0
+    image_size: int = 112
+    """Side of the rendered scenes in pixels (a multiple of 28): at 56 px a small shape covers
+    about 5% of one merged visual token and colour stays at chance (issue 12)."""
+    system_prompt: str = ModelConfig.system_prompt
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class PretrainDataConfig:
+    """The corpus stream (see :mod:`rematch.world.pretrain_corpus`)."""
+
+    seed: int = 0
+    task_weights: dict[str, float] = field(default_factory=lambda: {task: 1.0 for task in TASKS})
+    object_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 2.0])
+    """Relative frequency of scenes with 1, 2 and 3 objects."""
+    single_object_steps: int = 0
+    """Curriculum: for this many first steps every scene has one object (then ``object_weights``)."""
+    large_only_steps: int = 0
+    """Curriculum: for this many first steps every object is large, then sizes are mixed."""
+    num_workers: int = 0
+    """Threads preparing batches ahead of the step (rendering, tokenisation)."""
+
+
+@dataclass
+class PretrainTrainConfig:
+    """How long and how to optimise (the fields mean what they mean in ``rematch train``)."""
+
+    out: str = "runs/pretrain"
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.02
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"
+    log_every: int = 1
+    save_every: int = 0
+    keep_last: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    resume_with_changes: bool = False
+    plot: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    """The root of a pre-training run's configuration (``configs/pretrain-tiny.yaml``)."""
+
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
+
+    def validate(self) -> None:
+        from rematch.backbones.tiny import FAMILIES, SHAPES
+        from rematch.config import SCHEDULERS
+
+        model, data, train = self.model, self.data, self.train
+        if model.tiny_family not in FAMILIES:
+            raise ConfigError(f"model.tiny_family must be one of {', '.join(FAMILIES)}, got {model.tiny_family!r}")
+        if model.tiny_size not in SHAPES:
+            raise ConfigError(f"model.tiny_size must be one of {', '.join(SHAPES)}, got {model.tiny_size!r}")
+        if model.image_size < 28 or model.image_size % 28:
+            raise ConfigError(f"model.image_size must be a multiple of 28 (Qwen-VL's merged patch), got "
+                              f"{model.image_size}")
+        check_seed("model.seed", model.seed, 2**63 - 1)
+        check_seed("data.seed", data.seed, 2**63 - 1)
+        check_seed("train.seed", train.seed, 2**32 - 1)
+        try:
+            self.corpus_spec().validate()
+        except CorpusError as error:
+            raise ConfigError(f"data: {error}") from None
+        if min(data.single_object_steps, data.large_only_steps, data.num_workers) < 0:
+            raise ConfigError("data.single_object_steps, data.large_only_steps and data.num_workers must be >= 0")
+        if train.steps < 1 or train.batch_size < 1:
+            raise ConfigError(f"train.steps and train.batch_size must be >= 1, got {train.steps} and "
+                              f"{train.batch_size}")
+        for name in ("lr", "weight_decay", "max_grad_norm"):
+            value = getattr(train, name)
+            if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
+                raise ConfigError(f"train.{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
+                                  f"got {value}")
+        if not 0 <= train.warmup_ratio <= 1:
+            raise ConfigError(f"train.warmup_ratio must be within [0, 1], got {train.warmup_ratio}")
+        if train.scheduler not in SCHEDULERS:
+            raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {train.scheduler!r}")
+        if train.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {train.mixed_precision!r}")
+        if train.log_every < 1 or train.save_every < 0 or train.keep_last < 0:
+            raise ConfigError("train.log_every must be >= 1, train.save_every and train.keep_last >= 0")
+
+    def corpus_spec(self) -> CorpusSpec:
+        return CorpusSpec(split="pretrain", seed=self.data.seed, task_weights=dict(self.data.task_weights),
+                          object_weights=tuple(self.data.object_weights))
+
+    def model_config(self) -> ModelConfig:
+        """The adapter settings: images enter at exactly ``image_size`` pixels a side."""
+        pixels = self.model.image_size ** 2
+        return ModelConfig(backbone="tiny", tiny_family=self.model.tiny_family, tiny_size=self.model.tiny_size,
+                           seed=self.model.seed, num_tokens=0, pooling="last", min_pixels=pixels,
+                           max_pixels=pixels, system_prompt=self.model.system_prompt,
+                           attn_implementation=self.model.attn_implementation)
+
+
+def load_pretrain_config(path: str | Path | None, overrides=()) -> PretrainConfig:
+    from rematch.config import load_config
+
+    return load_config(path, overrides, cls=PretrainConfig)
+
+
+# ---------------------------------------------------------------------- data: corpus index stream
+
+
+class CorpusStream:
+    """Corpus examples in index order, forever; the position is the next index.
+
+    Example ``i`` is a pure function of the corpus spec and ``i`` (plus the curriculum
+    phase, itself a function of ``i``), so resuming needs only the index: nothing is
+    replayed or skipped.
+    """
+
+    def __init__(self, spec: CorpusSpec, global_batch: int, large_only_steps: int = 0, single_object_steps: int = 0):
+        self.spec = spec
+        self.global_batch = global_batch
+        self.large_only_steps = large_only_steps
+        self.single_object_steps = single_object_steps
+        self.next_index = 0
+
+    def __iter__(self) -> Iterator:
+        while True:
+            index = self.next_index
+            self.next_index += 1
+            step = index // self.global_batch
+            yield make_example(self.spec, index, large_only=step < self.large_only_steps,
+                               single_object=step < self.single_object_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_index": self.next_index, "generator_version": GENERATOR_VERSION}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("generator_version") != GENERATOR_VERSION:
+            raise ConfigError(f"the checkpoint was written with corpus generator version "
+                              f"{state.get('generator_version')}, this is version {GENERATOR_VERSION}: its data "
+                              "stream cannot be continued; start a new run")
+        self.next_index = int(state["next_index"])
+
+
+# ---------------------------------------------------------------------- model
+
+
+class AnswerLossModule(nn.Module):
+    """The backbone with the answer-only loss as its forward (what DDP wraps: the loss must
+    run inside ``forward`` for gradients to be synchronised)."""
+
+    def __init__(self, backbone: nn.Module, adapter):
+        super().__init__()
+        self.backbone = backbone
+        self.adapter = adapter
+
+    def forward(self, batch: GenerativeBatch) -> dict[str, torch.Tensor]:
+        return answer_loss(self.backbone, self.adapter, batch.to(self.backbone.device))
+
+
+def build_backbone(config: PretrainConfig):
+    """The randomly initialised backbone and its adapter, exactly as ``config.model`` says."""
+    from rematch.backbones import build_tiny_backbone
+    from rematch.backbones.qwen_vl import QwenVLAdapter
+
+    model_config = config.model_config()
+    backbone, processor = build_tiny_backbone(config.model.tiny_family, config.model.tiny_size, config.model.seed)
+    backbone.set_attn_implementation(config.model.attn_implementation)
+    return backbone, QwenVLAdapter(processor, model_config)
+
+
+# ---------------------------------------------------------------------- the run
+
+
+@dataclass
+class PretrainResult:
+    model_dir: Path
+    steps: int
+    seconds: float
+    final_loss: float | None
+    loss_plot: Path | None
+
+
+def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
+             stop_after: int | None = None) -> PretrainResult:
+    """Pre-train as ``config`` says; the backbone directory is ``<train.out>/model``.
+
+    ``stop_after`` runs only the first steps of the recipe (same schedule, data and seeds)
+    and writes their log and a checkpoint, no model: how a test checks that a recipe still
+    reproduces its recorded loss curve without paying for the whole run.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from rematch.training.batches import BatchStream
+    from rematch.training.checkpoint import latest_checkpoint, load_checkpoint
+    from rematch.training.logs import StepLog, plot_losses
+    from rematch.training.loop import NonFiniteLossError, _checkpoint
+    from rematch.training.run_directory import check_resume, check_run_directory, prepare_run_directory, read_run_id
+
+    config.validate()
+    out, train = Path(config.train.out), config.train
+    if stop_after is not None and not 1 <= stop_after <= train.steps:
+        raise ConfigError(f"stop_after must be within 1..train.steps ({train.steps}), got {stop_after}")
+    last_step = train.steps if stop_after is None else stop_after
+    accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(train.seed)
+    is_main = accelerator.is_main_process
+    quiet = log if is_main else (lambda *_: None)
+    check_run_directory(config)
+    accelerator.wait_for_everyone()
+    run_id = prepare_run_directory(config, log) if is_main else None
+    accelerator.wait_for_everyone()
+    if is_main:
+        dump_yaml(config, out / "config.yaml")
+
+    backbone, adapter = build_backbone(config)
+    module = AnswerLossModule(backbone, adapter)
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": train.lr,
+          "weight_decay": train.weight_decay}])
+    scheduler = get_scheduler(train.scheduler, optimizer, num_warmup_steps=int(train.warmup_ratio * train.steps),
+                              num_training_steps=train.steps)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    unwrapped: AnswerLossModule = accelerator.unwrap_model(module)
+
+    global_batch = train.batch_size * accelerator.num_processes
+    source = CorpusStream(config.corpus_spec(), global_batch, config.data.large_only_steps,
+                          config.data.single_object_steps)
+    start_step, checkpoints = 0, out / "checkpoints"
+    if train.resume:
+        found = latest_checkpoint(checkpoints, log=log)
+        if found is not None:
+            state = load_checkpoint(found, unwrapped.backbone, optimizer, scheduler, rank=accelerator.process_index)
+            check_resume(state.extra, read_run_id(out), config, state.step, found, log=quiet)
+            source.load_state_dict(state.data_state)
+            start_step = state.step
+            log(f"resumed from {found} at step {start_step}")
+        else:
+            log(f"no complete checkpoint in {checkpoints}: starting from step 0")
+
+    collator = GenerativeCollator(adapter, config.model.image_size)
+    stream = BatchStream(source, collator, train.batch_size, rank=accelerator.process_index,
+                         world_size=accelerator.num_processes, workers=max(1, config.data.num_workers))
+    step_log = StepLog(out, resume_step=start_step) if is_main else None
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    progress = tqdm(total=train.steps, initial=start_step, disable=not (show_progress and is_main),
+                    desc="pretrain", unit="step")
+    started = time.perf_counter()
+    last_loss: float | None = None
+    last_data_state = source.state_dict()
+    try:
+        for step in range(start_step, last_step):
+            step_batch = next(stream)
+            module.train()
+            loss = module(step_batch.batch)["loss"]
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"step {step + 1}: the answer loss is {value}; stopping (last finite "
+                                         f"loss: {last_loss})")
+            accelerator.backward(loss)
+            grad_norm = None
+            if train.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable, train.max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    raise NonFiniteLossError(f"step {step + 1}: gradient norm is {grad_norm}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            last_loss, last_data_state, done = value, step_batch.data_state, step + 1
+            if is_main and (done % train.log_every == 0 or done == train.steps):
+                elapsed = time.perf_counter() - started
+                row: dict[str, Any] = {"step": done, "loss": round(value, 6), "lr": scheduler.get_last_lr()[-1],
+                                       "samples_per_s": round(global_batch * (done - start_step) / elapsed, 3)}
+                if grad_norm is not None:
+                    row["grad_norm"] = round(grad_norm, 6)
+                step_log.append(row)
+            progress.set_postfix({"loss": f"{value:.3f}"})
+            progress.update(1)
+            if train.save_every and done % train.save_every == 0 and done < train.steps:
+                _checkpoint(accelerator, checkpoints, done, unwrapped.backbone, optimizer, scheduler,
+                            step_batch.data_state, config, run_id)
+    finally:
+        progress.close()
+        stream.close()
+    seconds = time.perf_counter() - started
+    _checkpoint(accelerator, checkpoints, last_step, unwrapped.backbone, optimizer, scheduler, last_data_state,
+                config, run_id)
+    model_dir, plot = out / "model", None
+    if is_main and last_step < train.steps:
+        step_log.close()
+    elif is_main:
+        rows = list(step_log.rows)
+        save_pretrained_backbone(unwrapped.backbone, adapter.processor, model_dir, config, rows, seconds)
+        if train.plot and rows:
+            plot = plot_losses(rows, out / "loss_curves.png", title="pre-training loss (answer tokens)")
+        step_log.close()
+        (out / "train_summary.json").write_text(json.dumps({
+            "steps": train.steps, "resumed_from": start_step, "seconds": round(seconds, 2),
+            "final_loss": last_loss, "processes": accelerator.num_processes, "model_dir": str(model_dir),
+            "generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(config)}, indent=2),
+            encoding="utf-8")
+    accelerator.wait_for_everyone()
+    return PretrainResult(model_dir=model_dir, steps=last_step, seconds=seconds, final_loss=last_loss,
+                          loss_plot=plot)
+
+
+def save_pretrained_backbone(backbone: nn.Module, processor, model_dir: Path, config: PretrainConfig,
+                             loss_rows: list[dict[str, Any]], seconds: float) -> None:
+    """Write the backbone (Hugging Face layout, safetensors) and ``pretraining.json``: the
+    recipe, seeds, corpus generator version, the weights' sha256 and the first loss rows."""
+    from rematch.atomic import write_directory_atomically
+
+    def write(directory: Path) -> None:
+        backbone.save_pretrained(directory, safe_serialization=True)
+        processor.save_pretrained(directory)
+        weights = directory / WEIGHTS_FILE
+        record = {
+            "format": "rematch-pretrained-backbone/1",
+            "generator_version": GENERATOR_VERSION,
+            "image_size": config.model.image_size,
+            "seeds": {"model": config.model.seed, "data": config.data.seed, "train": config.train.seed},
+            "steps": config.train.steps,
+            "train_seconds": round(seconds, 1),
+            "sha256": {WEIGHTS_FILE: sha256_of(weights)},
+            "recipe": dataclasses.asdict(config),
+            "loss_curve": loss_rows[:RECORDED_STEPS],
+        }
+        (directory / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    write_directory_atomically(model_dir, write, what="a pre-trained backbone",
+                               is_ours=lambda path: (path / RECORD_FILE).is_file())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

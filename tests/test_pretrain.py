@@ -1,0 +1,112 @@
+"""``rematch pretrain`` at minimal size: it trains, logs, refuses a used run directory, stops
+on a non-finite loss, and a run killed mid-save resumes to exactly the uninterrupted result.
+
+The CLI runs are subprocesses with a pinned thread count (as in test_resume.py): float
+reductions depend on how many threads split them, so exact comparisons are only meaningful
+between runs with the same count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rematch.training.checkpoint import TRAINABLE, list_checkpoints
+from rematch.training.loop import NonFiniteLossError
+from rematch.training.pretrain import RECORD_FILE, load_pretrain_config, pretrain, sha256_of
+
+CONFIG = "configs/pretrain-tiny.yaml"
+STEPS = 4
+MINIMAL = {"model.image_size": "56", "train.batch_size": "2", "train.steps": str(STEPS), "train.save_every": "2",
+           "train.keep_last": "5", "train.warmup_ratio": "0.25", "data.large_only_steps": "1",
+           "data.num_workers": "0"}
+THREADS = "2"
+
+
+def run_cli(out: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
+    overrides = [part for key, value in MINIMAL.items() for part in (f"--{key}", value)]
+    return subprocess.run([sys.executable, "-m", "rematch.cli", "pretrain", "--config", CONFIG, "--out", str(out),
+                           "--no-progress", *overrides, *flags],
+                          env=dict(os.environ, OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, **env),
+                          capture_output=True, text=True)
+
+
+def losses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_resumes_exactly_after_a_kill(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = run_cli(reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"pre-trained {STEPS} steps" in done.stdout
+    # Killed while writing the last checkpoint: step 2 is the newest complete one.
+    crashed = run_cli(killed, REMATCH_KILL_DURING_SAVE=str(STEPS))
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+    assert not (killed / "model").exists()
+    resumed = run_cli(killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step-00000002" in resumed.stdout
+
+    final = f"step-{STEPS:08d}"
+    expected, got = load_file(str(reference / "checkpoints" / final / TRAINABLE)), \
+        load_file(str(killed / "checkpoints" / final / TRAINABLE))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert [row["loss"] for row in losses(killed)] == [row["loss"] for row in losses(reference)]
+    assert [row["step"] for row in losses(killed)] == list(range(1, STEPS + 1))
+
+    record = json.loads((reference / "model" / RECORD_FILE).read_text())
+    assert record["sha256"]["model.safetensors"] == sha256_of(reference / "model" / "model.safetensors")
+    assert record["image_size"] == 56 and record["steps"] == STEPS
+    assert [row["step"] for row in record["loss_curve"]] == list(range(1, STEPS + 1))
+    assert (reference / "loss_curves.png").stat().st_size > 5_000
+
+
+
+def test_a_used_run_directory_is_refused_in_one_line(tmp_path, capsys):
+    from rematch.cli import main
+
+    (tmp_path / "losses.jsonl").write_text("")
+    assert main(["pretrain", "--config", CONFIG, "--out", str(tmp_path)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("rematch: error:") and "holds a previous run" in error and "--resume" in error
+    assert len(error.splitlines()) == 1
+
+
+def test_a_diverging_pretraining_stops_naming_the_step(tmp_path):
+    overrides = [f"{key}={value}" for key, value in MINIMAL.items()]
+    config = load_pretrain_config(CONFIG, overrides + [f"train.out={tmp_path}", "train.lr=1e12",
+                                                       "train.max_grad_norm=0", "train.steps=6"])
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: the answer loss is (nan|inf)"):
+        pretrain(config, show_progress=False, log=lambda *_: None)
+
+
+def test_stop_after_runs_the_first_steps_of_the_schedule(tmp_path):
+    overrides = [f"{key}={value}" for key, value in MINIMAL.items()]
+    config = load_pretrain_config(CONFIG, overrides + [f"train.out={tmp_path}"])
+    result = pretrain(config, show_progress=False, log=lambda *_: None, stop_after=2)
+    assert result.steps == 2 and not (tmp_path / "model").exists()
+    assert [row["step"] for row in losses(tmp_path)] == [1, 2]
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002"]
+
+
+def test_bad_pretrain_settings_are_one_line_errors(tmp_path, capsys):
+    from rematch.cli import main
+
+    assert main(["pretrain", "--config", CONFIG, "--out", str(tmp_path), "--model.image_size", "100"]) == 1
+    assert "model.image_size must be a multiple of 28" in capsys.readouterr().err
+    assert main(["pretrain", "--config", CONFIG, "--out", str(tmp_path), "--data.task_weights",
+                 "{colours: 1}"]) == 1
+    assert "unknown corpus tasks ['colours']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a subcommand that does not declare overrides refuses them
+        main(["eval", "generative", "--model", "tiny-pretrained", "--train.lr", "1"])
+    assert "unrecognized arguments: --train.lr 1" in capsys.readouterr().err
