@@ -29,8 +29,10 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "chromium not found and cannot be installed here: the search-page browser test will be skipped"; fi; }
 
+# One torch thread: the tiny test models gain nothing from two, and two threads on a 2-core
+# machine stall ~20x whenever another process holds a core (benchmarks/RESULTS.md).
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_encode.py

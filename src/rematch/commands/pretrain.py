@@ -10,19 +10,10 @@ STABLE_FLAGS = {"out": "train.out", "steps": "train.steps", "seed": "train.seed"
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from rematch.commands.train import parse_overrides
+    from rematch.commands.train import run_overrides
     from rematch.training.pretrain import load_pretrain_config, pretrain
 
-    overrides = parse_overrides(args.overrides)
-    for flag, key in STABLE_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if args.resume:
-        overrides.append("train.resume=true")
-    if args.overwrite:
-        overrides.append("train.overwrite=true")
-    config = load_pretrain_config(args.config, overrides)
+    config = load_pretrain_config(args.config, run_overrides(args, STABLE_FLAGS))
     result = pretrain(config, show_progress=not args.no_progress)
     final = f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     print(f"pre-trained {result.steps} steps in {result.seconds:.1f}s{final}")

@@ -29,12 +29,11 @@ def parse_overrides(extra: list[str]) -> list[str]:
     return overrides
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from rematch.config import load_config
-    from rematch.training.loop import train
-
+def run_overrides(args: argparse.Namespace, stable_flags: dict[str, str]) -> list[str]:
+    """The config overrides of a training-style command: ``--section.key value`` pairs, then its
+    stable flags (``--out``, ``--steps``...) and ``--resume`` / ``--overwrite``, which win."""
     overrides = parse_overrides(args.overrides)
-    for flag, key in STABLE_FLAGS.items():
+    for flag, key in stable_flags.items():
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -42,7 +41,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("train.resume=true")
     if args.overwrite:
         overrides.append("train.overwrite=true")
-    config = load_config(args.config, overrides)
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rematch.config import load_config
+    from rematch.training.loop import train
+
+    config = load_config(args.config, run_overrides(args, STABLE_FLAGS))
     result = train(config, show_progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, only the main process reports
         return 0
