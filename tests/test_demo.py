@@ -66,3 +66,20 @@ def test_cli_demo_prints_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Precision@1" in printed and "VLM2Vec-style baseline" in printed
     assert all(SHORT[s] in printed for s in SUBSETS)
+
+
+def test_demo_on_the_pretrained_start_with_a_from_scratch_row(tmp_path, capsys, cli_error):
+    """--backbone tiny-pretrained fine-tunes the shipped backbone (at its 112 px) in every row;
+    --from-scratch adds the full recipe from a random backbone, same budget, as its own row."""
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--rows", "full", "--steps", "1",
+                 "--backbone", "tiny-pretrained", "--from-scratch"]) == 0
+    printed = capsys.readouterr().out
+    assert "full ReMatch (+ orthogonality)" in printed and "random start (no pre-training)" in printed
+    configs = {row: (tmp_path / "runs" / row / "seed0" / "config.yaml").read_text() for row in ("full", "from_scratch")}
+    assert "backbone: tiny-pretrained" in configs["full"] and "backbone: tiny\n" in configs["from_scratch"]
+    for text in configs.values():
+        assert "max_pixels: 12544" in text and "steps: 1" in text  # 112 px, same budget
+    assert "pretrained generatively" in (tmp_path / "report.md").read_text()
+    # a from-scratch row next to a random start compares nothing
+    assert "--backbone tiny-pretrained" in cli_error(["demo", "--quick", "--out", tmp_path / "x", "--from-scratch"])
+    assert not (tmp_path / "x").exists()

@@ -12,7 +12,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rematch.demo.report import terminal_table
 
     settings = DemoSettings.create(out=args.out, quick=args.quick, seeds=args.seeds, steps=args.steps,
-                                   from_scratch=args.from_scratch, rows=tuple(args.rows) if args.rows else None)
+                                   backbone=args.backbone, from_scratch=args.from_scratch,
+                                   rows=tuple(args.rows) if args.rows else None)
     result = run_demo(settings)
     print()
     print("Precision@1 (hit@1, %) on the built-in shapes world:")
@@ -28,6 +29,9 @@ def register(sub) -> None:
     demo.add_argument("--seeds", type=positive_int, default=1, help="seeds per ablation row (mean and spread)")
     demo.add_argument("--steps", type=positive_int, default=None, help="training steps per row (default 300; quick 12)")
     demo.add_argument("--rows", nargs="+", default=None, help="only these ablation rows (default: all six)")
+    demo.add_argument("--backbone", choices=("tiny", "tiny-pretrained"), default="tiny",
+                      help="what every row fine-tunes: the random tiny Qwen2-VL (56 px) or the shipped generatively "
+                           "pretrained one (112 px; docs/pretraining.md)")
     demo.add_argument("--from-scratch", action="store_true",
                       help="add the full recipe from a random backbone as a row of its own (what pre-training buys)")
     demo.set_defaults(func=cmd_demo)
