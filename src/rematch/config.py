@@ -250,26 +250,12 @@ class Config:
 
     def validate(self) -> None:
         self.model.validate()
-        if self.train.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.train.steps}")
-        if self.train.batch_size < 2 and self.loss.contrastive:
-            raise ConfigError("train.batch_size must be >= 2 for a contrastive loss")
         train = self.train
-        if not (math.isfinite(train.lr) and train.lr > 0):
-            raise ConfigError(f"train.lr must be a finite number > 0, got {train.lr}")
+        check_optimisation(train)
+        if train.batch_size < 2 and self.loss.contrastive:
+            raise ConfigError("train.batch_size must be >= 2 for a contrastive loss")
         if train.head_lr is not None and not (math.isfinite(train.head_lr) and train.head_lr > 0):
             raise ConfigError(f"train.head_lr must be a finite number > 0 (or null), got {train.head_lr}")
-        if not 0 <= train.warmup_ratio <= 1:
-            raise ConfigError(f"train.warmup_ratio must be within [0, 1], got {train.warmup_ratio}")
-        if not (math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0):
-            raise ConfigError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {train.max_grad_norm}")
-        if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):
-            raise ConfigError(f"train.weight_decay must be >= 0, got {train.weight_decay}")
-        if train.log_every < 1:
-            raise ConfigError(f"train.log_every must be >= 1, got {train.log_every}")
-        if train.save_every < 0 or train.keep_last < 0:
-            raise ConfigError(f"train.save_every (0 = only at the end) and train.keep_last (0 = keep all) must be "
-                              f">= 0, got {train.save_every} and {train.keep_last}")
         if self.loss.matching_samples < 0:
             raise ConfigError(f"loss.matching_samples must be >= 0 (0 = the whole batch), got "
                               f"{self.loss.matching_samples}")
@@ -278,24 +264,46 @@ class Config:
         if any(cap < 0 for cap in self.data.caps.values()) or any(
                 not (math.isfinite(w) and w >= 0) for w in self.data.weights.values()):
             raise ConfigError("data.caps must be >= 0 and data.weights finite and >= 0")
-        if self.train.grad_cache_chunk < 0:
-            raise ConfigError(f"train.grad_cache_chunk must be >= 0, got {self.train.grad_cache_chunk}")
-        if self.train.grad_cache_chunk and self.train.mixed_precision == "fp16":
+        if train.grad_cache_chunk < 0:
+            raise ConfigError(f"train.grad_cache_chunk must be >= 0, got {train.grad_cache_chunk}")
+        if train.grad_cache_chunk and train.mixed_precision == "fp16":
             raise ConfigError("GradCache (train.grad_cache_chunk) needs mixed_precision no or bf16: fp16 loss "
                               "scaling across its several backward passes is not supported")
-        if self.train.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.train.mixed_precision!r}")
         if not (math.isfinite(self.loss.temperature) and self.loss.temperature > 0):
             raise ConfigError(f"loss.temperature must be > 0, got {self.loss.temperature}")
         for name in ("contrastive", "orthogonality", "matching"):
             if not (math.isfinite(getattr(self.loss, name)) and getattr(self.loss, name) >= 0):
                 raise ConfigError(f"loss.{name} must be >= 0")
-        check_seed("train.seed", self.train.seed, 2**32 - 1)  # accelerate's set_seed also seeds NumPy
         check_seed("data.builtin_seed", self.data.builtin_seed, 2**32 - 1)
-        if self.train.scheduler not in SCHEDULERS:
-            raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.train.scheduler!r}")
         if self.lora.enabled:  # PEFT checks these only when the model is built, some not at all
             self.lora.validate()
+
+
+def check_optimisation(train) -> None:
+    """The checks every ``train`` section shares (``rematch train`` and ``rematch pretrain``):
+    steps, optimiser and schedule values, logging and checkpoint intervals, and the seed."""
+    if train.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, got {train.steps}")
+    if train.batch_size < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {train.batch_size}")
+    if not (math.isfinite(train.lr) and train.lr > 0):
+        raise ConfigError(f"train.lr must be a finite number > 0, got {train.lr}")
+    if not 0 <= train.warmup_ratio <= 1:
+        raise ConfigError(f"train.warmup_ratio must be within [0, 1], got {train.warmup_ratio}")
+    if not (math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0):
+        raise ConfigError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {train.max_grad_norm}")
+    if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):
+        raise ConfigError(f"train.weight_decay must be >= 0, got {train.weight_decay}")
+    if train.log_every < 1:
+        raise ConfigError(f"train.log_every must be >= 1, got {train.log_every}")
+    if train.save_every < 0 or train.keep_last < 0:
+        raise ConfigError(f"train.save_every (0 = only at the end) and train.keep_last (0 = keep all) must be "
+                          f">= 0, got {train.save_every} and {train.keep_last}")
+    if train.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {train.mixed_precision!r}")
+    if train.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {train.scheduler!r}")
+    check_seed("train.seed", train.seed, 2**32 - 1)  # accelerate's set_seed also seeds NumPy
 
 
 def check_seed(name: str, seed: int, high: int) -> None:

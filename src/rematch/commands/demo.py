@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rematch.commands.common import positive_int
+from rematch.demo.settings import BACKBONES
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def register(sub) -> None:
     demo.add_argument("--seeds", type=positive_int, default=1, help="seeds per ablation row (mean and spread)")
     demo.add_argument("--steps", type=positive_int, default=None, help="training steps per row (default 300; quick 12)")
     demo.add_argument("--rows", nargs="+", default=None, help="only these ablation rows (default: all six)")
-    demo.add_argument("--backbone", choices=("tiny", "tiny-pretrained"), default="tiny",
+    demo.add_argument("--backbone", choices=BACKBONES, default="tiny",
                       help="what every row fine-tunes: the random tiny Qwen2-VL (56 px) or the shipped generatively "
                            "pretrained one (112 px; docs/pretraining.md)")
     demo.add_argument("--from-scratch", action="store_true",

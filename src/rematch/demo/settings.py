@@ -53,9 +53,20 @@ FROM_SCRATCH = AblationRow("from_scratch", "full ReMatch, random start (no pre-t
                            {**ROWS[-1].overrides, "model.backbone": "tiny"}, uses_matching=True)
 ALL_ROWS: tuple[AblationRow, ...] = (*ROWS, FROM_SCRATCH)
 
-#: Backbones the demo can start from, and the image side each was built for: the pretrained
-#: one saw 112 px in pre-training (at 56 px a shape covers ~5% of one visual token).
-BACKBONE_IMAGE_SIZES = {"tiny": 56, "tiny-pretrained": 112}
+#: Backbones the demo can start from.
+BACKBONES = ("tiny", "tiny-pretrained")
+#: Image side of the random start (the demo's size before pre-training existed).
+RANDOM_START_IMAGE_SIZE = 56
+
+
+def backbone_image_size(backbone: str) -> int:
+    """The image side a demo backbone is used at: the pretrained one at the size it was
+    pre-trained at (read from its record; at 56 px a shape covers ~5% of one visual token)."""
+    if backbone == "tiny-pretrained":
+        from rematch.backbones.pretrained_tiny import read_record
+
+        return int(read_record()["image_size"])
+    return RANDOM_START_IMAGE_SIZE
 
 
 @dataclass
@@ -73,7 +84,7 @@ class DemoSettings:
     lr: float = 3e-4
     temperature: float = 0.02
     image_size: int | None = None
-    """Image side the model sees; None: the backbone's own (BACKBONE_IMAGE_SIZES)."""
+    """Image side the model sees; None: the backbone's own (:func:`backbone_image_size`)."""
     rerank_top: int = 5
     backbone: str = "tiny"
     from_scratch: bool = False
@@ -95,10 +106,10 @@ class DemoSettings:
                 setattr(settings, key, value)
         if settings.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {settings.seeds}")
-        if settings.backbone not in BACKBONE_IMAGE_SIZES:
-            raise ValueError(f"unknown demo backbone {settings.backbone!r}; known: {sorted(BACKBONE_IMAGE_SIZES)}")
+        if settings.backbone not in BACKBONES:
+            raise ValueError(f"unknown demo backbone {settings.backbone!r}; known: {list(BACKBONES)}")
         if settings.image_size is None:
-            settings.image_size = BACKBONE_IMAGE_SIZES[settings.backbone]
+            settings.image_size = backbone_image_size(settings.backbone)
         if settings.threads < 1:
             raise ValueError(f"threads must be >= 1, got {settings.threads}")
         unknown = set(settings.rows) - {row.name for row in ALL_ROWS}

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rematch.config import ConfigError, ModelConfig, check_seed, dump_yaml
+from rematch.config import ConfigError, ModelConfig, check_optimisation, check_seed, dump_yaml
 from rematch.training.generative import GenerativeBatch, GenerativeCollator, answer_loss
 from rematch.world.pretrain_corpus import GENERATOR_VERSION, TASKS, CorpusError, CorpusSpec, make_example
 
@@ -107,7 +107,6 @@ class PretrainConfig:
 
     def validate(self) -> None:
         from rematch.backbones.tiny import FAMILIES, SHAPES
-        from rematch.config import SCHEDULERS
 
         model, data, train = self.model, self.data, self.train
         if model.tiny_family not in FAMILIES:
@@ -119,29 +118,13 @@ class PretrainConfig:
                               f"{model.image_size}")
         check_seed("model.seed", model.seed, 2**63 - 1)
         check_seed("data.seed", data.seed, 2**63 - 1)
-        check_seed("train.seed", train.seed, 2**32 - 1)
         try:
             self.corpus_spec().validate()
         except CorpusError as error:
             raise ConfigError(f"data: {error}") from None
         if min(data.single_object_steps, data.large_only_steps, data.num_workers) < 0:
             raise ConfigError("data.single_object_steps, data.large_only_steps and data.num_workers must be >= 0")
-        if train.steps < 1 or train.batch_size < 1:
-            raise ConfigError(f"train.steps and train.batch_size must be >= 1, got {train.steps} and "
-                              f"{train.batch_size}")
-        for name in ("lr", "weight_decay", "max_grad_norm"):
-            value = getattr(train, name)
-            if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
-                raise ConfigError(f"train.{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
-                                  f"got {value}")
-        if not 0 <= train.warmup_ratio <= 1:
-            raise ConfigError(f"train.warmup_ratio must be within [0, 1], got {train.warmup_ratio}")
-        if train.scheduler not in SCHEDULERS:
-            raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {train.scheduler!r}")
-        if train.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {train.mixed_precision!r}")
-        if train.log_every < 1 or train.save_every < 0 or train.keep_last < 0:
-            raise ConfigError("train.log_every must be >= 1, train.save_every and train.keep_last >= 0")
+        check_optimisation(train)
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(split="pretrain", seed=self.data.seed, task_weights=dict(self.data.task_weights),
