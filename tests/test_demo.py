@@ -34,13 +34,27 @@ def test_report_has_every_section_and_file(demo):
     report = demo.report.read_text()
     for heading in ("## Ablation (Precision@1 = hit@1, %)", "## Ablation (MRR x 100)", "## The question the demo asks",
                     "## Reranking the top 2", "## Training and evaluation throughput", "## Loss curves",
-                    "## Retrieval examples", "## Index and search", "## Reproduce"):
+                    "## Retrieval examples", "## Index and search", "## Video and page tasks", "## Reproduce"):
         assert heading in report
     out = demo.settings.out
     for name in ("loss_curves.png", "retrieval_examples.png", "full_config.yaml", "demo_results.json"):
         assert (out / name).stat().st_size > 0
     assert len(demo.searches) == 2 and all(len(s["hits"]) == 5 for s in demo.searches)
     assert "{" not in report and "TODO" not in report and "nan" not in report.lower()
+
+
+def test_the_full_model_runs_the_video_and_page_tasks(demo):
+    """Both new modalities end to end: the world's clips through the video path, its pages as
+    document images; the report's numbers are the MMEB-V2 evaluation's."""
+    summary = json.loads((demo.settings.out / "eval-video-pages" / "summary.json").read_text())
+    assert set(demo.video_and_pages) == {"ShapesVideoRet", "ShapesMotionCLS", "ShapesVideoQA", "ShapesPages"}
+    section = demo.report.read_text().split("## Video and page tasks (full model, MMEB-V2 layouts)", 1)[1]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.split("\n## ")[0].splitlines()
+             if line.startswith("| Shapes")]
+    table = {row[0]: row[1:] for row in cells}
+    for name, row in demo.video_and_pages.items():
+        assert row["score"] == summary["tasks"][name]["score"] and row["queries"] > 0
+        assert table[name] == [row["metric"], f"{100 * row['score']:.1f}", str(row["queries"])]
 
 
 def test_every_table_number_comes_from_an_evaluation_run(demo):

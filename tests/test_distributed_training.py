@@ -37,8 +37,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _module() -> ReMatchTrainingModule:
-    model = ReMatchModel.tiny(k=4, seed=0, max_pixels=56 * 56)
+def _module(family: str = "qwen2_vl") -> ReMatchTrainingModule:
+    model = ReMatchModel.tiny(backbone=family, k=4, seed=0, max_pixels=56 * 56)
     return ReMatchTrainingModule(model, LossConfig(matching=0.1, matching_samples=0), seed=0)
 
 
@@ -50,12 +50,12 @@ def _grads(module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, world: int, port: int, root: str, out: str, use_gradcache: bool) -> None:
+def _worker(rank: int, world: int, port: int, root: str, out: str, use_gradcache: bool, family: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        module = _module()
+        module = _module(family)
         batch = TrainCollator(module.model)(_examples(root, B * world)[rank * B:(rank + 1) * B])
         if use_gradcache:
             terms = GradCache(module, chunk_size=3).step(batch)
@@ -84,15 +84,18 @@ def shapes_root(tmp_path_factory):
                                     image_size=56))
 
 
-@pytest.mark.parametrize("use_gradcache", [False, True], ids=["plain", "gradcache"])
-def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path, shapes_root, use_gradcache, one_thread):
-    single = _module()
+@pytest.mark.parametrize("use_gradcache,family", [(False, "qwen2_vl"), (True, "qwen2_vl"), (True, "qwen3_vl")],
+                         ids=["plain", "gradcache", "gradcache-qwen3vl"])
+def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path, shapes_root, use_gradcache, family,
+                                                                  one_thread):
+    single = _module(family)
     batch = TrainCollator(single.model)(_examples(shapes_root, 2 * B))
     terms = single(batch)
     objective(terms).backward()
     expected = _grads(single)
 
-    mp.spawn(_worker, args=(2, _free_port(), shapes_root, str(tmp_path), use_gradcache), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), shapes_root, str(tmp_path), use_gradcache, family), nprocs=2,
+             join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in ranks:
         assert result["terms"]["contrastive"] == pytest.approx(terms["contrastive"].item(), rel=1e-5)

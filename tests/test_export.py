@@ -74,7 +74,7 @@ def randomise_heads(model: ReMatchModel, seed: int) -> ReMatchModel:
     return model
 
 
-@pytest.mark.parametrize("family,k", [("qwen2_vl", 4), ("qwen2_5_vl", 32)])
+@pytest.mark.parametrize("family,k", [("qwen2_vl", 4), ("qwen2_5_vl", 32), ("qwen3_vl", 4)])
 def test_plain_transformers_forward_equals_encode(tmp_path, items, family, k):
     # K=32 needs 64 added tokens, more than the tiny table's spare rows: the export grows the vocabulary
     model = randomise_heads(ReMatchModel.tiny(backbone=family, k=k, min_pixels=28 * 28, max_pixels=56 * 56), k)
@@ -84,7 +84,8 @@ def test_plain_transformers_forward_equals_encode(tmp_path, items, family, k):
     standalone = load_standalone()
     embedder = standalone.ExportedEmbedder(out)
     assert type(embedder.model).__name__ == {"qwen2_vl": "Qwen2VLForConditionalGeneration",
-                                             "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[family]
+                                             "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                             "qwen3_vl": "Qwen3VLForConditionalGeneration"}[family]
     for role in ("query", "document"):
         assert_same_vectors(model.encode(items, role=role), embedder.embed(items, role=role).numpy())
     # queries and documents really use different tokens (and the document instruction)

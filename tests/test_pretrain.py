@@ -9,6 +9,7 @@ between runs with the same count.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rematch.config import ConfigError
 from rematch.training.checkpoint import TRAINABLE, list_checkpoints
 from rematch.training.loop import NonFiniteLossError
 from rematch.training.pretrain import RECORD_FILE, load_pretrain_config, pretrain, sha256_of
@@ -25,8 +27,11 @@ from rematch.training.pretrain import RECORD_FILE, load_pretrain_config, pretrai
 CONFIG = "configs/pretrain-tiny.yaml"
 STEPS = 4
 MINIMAL = {"model.image_size": "56", "train.batch_size": "2", "train.steps": str(STEPS), "train.save_every": "2",
-           "train.keep_last": "5", "train.warmup_ratio": "0.25", "data.large_only_steps": "1",
-           "data.num_workers": "0"}
+           "train.keep_last": "5", "train.warmup_ratio": "0.25", "train.scheduler": "constant",
+           "train.eval_every": "2", "train.eval_examples": "2", "data.num_workers": "0",
+           # two phases, so a resume at step 2 continues in the second one
+           "data.phases": "[{steps: 2, lr: 0.002, single_object: true, large_only: true, task_weights: {colour: 1}},"
+                          " {steps: 2, lr: 0.001, lr_end: 0.0001, task_weights: {shape: 1, verify: 1}}]"}
 THREADS = "2"
 
 
@@ -62,6 +67,9 @@ def test_pretrain_resumes_exactly_after_a_kill(tmp_path):
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert [row["loss"] for row in losses(killed)] == [row["loss"] for row in losses(reference)]
+    heldout = [json.loads(line) for line in (killed / "heldout.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in heldout] == [2, 4]  # measured during the run, not repeated by the resume
+    assert set(heldout[0]) >= {"colour", "shape", "relation", "true_captions", "foils"}
     assert [row["step"] for row in losses(killed)] == list(range(1, STEPS + 1))
 
     record = json.loads((reference / "model" / RECORD_FILE).read_text())
@@ -85,7 +93,7 @@ def test_a_used_run_directory_is_refused_in_one_line(tmp_path, capsys):
 def test_a_diverging_pretraining_stops_naming_the_step(tmp_path):
     overrides = [f"{key}={value}" for key, value in MINIMAL.items()]
     config = load_pretrain_config(CONFIG, overrides + [f"train.out={tmp_path}", "train.lr=1e12",
-                                                       "train.max_grad_norm=0", "train.steps=6"])
+                                                       "train.max_grad_norm=0", "data.phases=[]"])
     with pytest.raises(NonFiniteLossError, match=r"step \d+: the answer loss is (nan|inf)"):
         pretrain(config, show_progress=False, log=lambda *_: None)
 
@@ -110,3 +118,20 @@ def test_bad_pretrain_settings_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a subcommand that does not declare overrides refuses them
         main(["eval", "generative", "--model", "tiny-pretrained", "--train.lr", "1"])
     assert "unrecognized arguments: --train.lr 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, side", [("qwen2_5_vl", 56), ("qwen3_vl", 64)])
+def test_pretraining_and_its_evaluation_run_on_every_tiny_family(tmp_path, family, side):
+    from rematch.evaluation.generative import evaluate_generative, load_generative_model
+
+    overrides = [f"{key}={value}" for key, value in MINIMAL.items()]
+    config = load_pretrain_config(CONFIG, overrides + [f"train.out={tmp_path}", f"model.tiny_family={family}",
+                                                       f"model.image_size={side}", "train.save_every=0"])
+    result = pretrain(config, show_progress=False, log=lambda *_: None)
+    assert result.final_loss is not None and math.isfinite(result.final_loss)
+    model = load_generative_model(str(result.model_dir))
+    assert model.image_size == side and model.backbone.config.model_type == family
+    scores = evaluate_generative(model, per_type=2)
+    assert all(row["n"] == 2 for row in scores["questions"].values())
+    with pytest.raises(ConfigError, match=f"multiple of {32 if family == 'qwen3_vl' else 28}"):
+        load_pretrain_config(CONFIG, overrides + [f"model.tiny_family={family}", f"model.image_size={side + 4}"])

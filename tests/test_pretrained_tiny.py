@@ -112,6 +112,7 @@ def test_eval_generative_on_the_shipped_model(tmp_path, capsys):
     assert verification["true_captions"]["n"] == verification["foils"]["n"] == 40
     for row in [*questions.values(), verification["true_captions"], verification["foils"]]:
         assert 0.0 <= row["accuracy"] <= 1.0
-    # The shipped model is above chance on colour only (docs/pretraining.md has the numbers and
-    # what was tried); its verification says "Yes" to nearly everything.
-    assert questions["colour"]["accuracy"] >= questions["colour"]["chance"] + 0.1, questions["colour"]
+    # The shipped model sees colour and size (62.5% and 77.5% on these 40 scenes when it was built,
+    # chance 16.7% and 50%); shape and verification are near chance (docs/pretraining.md).
+    assert questions["colour"]["accuracy"] >= questions["colour"]["chance"] + 0.3, questions["colour"]
+    assert questions["size"]["accuracy"] >= questions["size"]["chance"] + 0.15, questions["size"]

@@ -135,11 +135,11 @@ def test_matching_from_already_processed_images_gives_the_same_loss(shapes_root,
     new = ReMatchTrainingModule(model, loss, seed=0)
     old_terms, old_grads = run_step(old, plain_batch, None)
 
-    import rematch.matching as matching
+    import rematch.backbones.qwen_vl as qwen_vl  # matching loads images through the adapter (load_image)
 
     loads = []
-    original = matching.load_image_for_model
-    monkeypatch.setattr(matching, "load_image_for_model", lambda *a, **k: loads.append(a) or original(*a, **k))
+    original = qwen_vl.load_image_for_model
+    monkeypatch.setattr(qwen_vl, "load_image_for_model", lambda *a, **k: loads.append(a) or original(*a, **k))
     for batch in (threaded_batch, plain_batch):  # views from the collator's threads, or made in the step
         new_terms, new_grads = run_step(new, batch, None)
         assert new_terms["matching"] > 0

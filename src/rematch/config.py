@@ -37,12 +37,12 @@ class ModelConfig:
     """
 
     backbone: str = "tiny"
-    """A Hugging Face hub id or local directory of a Qwen2-VL / Qwen2.5-VL checkpoint,
+    """A Hugging Face hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint,
     ``"tiny"`` for a randomly initialised offline model (see ``tiny_size`` and ``tiny_family``), or
     ``"tiny-pretrained"`` for the shipped tiny Qwen2-VL after generative pre-training on the
     shapes world (docs/pretraining.md; ``tiny_size``/``tiny_family`` do not apply)."""
     tiny_family: str = "qwen2_vl"
-    """Architecture of the offline model when ``backbone == "tiny"``: qwen2_vl or qwen2_5_vl."""
+    """Architecture of the offline model when ``backbone == "tiny"``: qwen2_vl, qwen2_5_vl or qwen3_vl."""
     tiny_size: str = "tiny"
     """Size preset of the offline model: tiny (~1M params), small (~6M), base (~20M)."""
     num_tokens: int = 16
@@ -56,6 +56,15 @@ class ModelConfig:
     """Images smaller than this are upscaled (Qwen's smart resize, sides multiples of 28)."""
     max_pixels: int = 448 * 448
     """Images larger than this are downscaled; bounds memory and image-token count."""
+    video_fps: float = 1.0
+    """Frames sampled per second of a video file (frames given as a directory or list are taken
+    to be sampled at this rate already); see rematch.data.video."""
+    video_max_frames: int = 16
+    """At most this many frames per video (uniformly spread); an odd count gets its last frame
+    repeated, since the vision tower merges frames two by two."""
+    video_max_pixels: int | None = None
+    """Per-frame pixel budget of a video (frames are resized like images, sides multiples of the
+    tower's patch x merge size); None: ``max_pixels``."""
     max_text_tokens: int = 512
     """Text beyond this many tokens is truncated (images and the learnable tokens are kept);
     0 = no truncation (the official MMEB evaluation setting)."""
@@ -89,6 +98,11 @@ class ModelConfig:
     """Subset -> document instruction, over the built-in table (key "*": subsets not named).
     A model stores its complete table, so it encodes documents the way it was trained."""
 
+    @property
+    def frame_max_pixels(self) -> int:
+        """The per-frame pixel budget of videos: ``video_max_pixels``, or ``max_pixels`` when unset."""
+        return self.max_pixels if self.video_max_pixels is None else self.video_max_pixels
+
     def validate(self) -> None:
         if self.num_tokens < 0:
             raise ConfigError(f"model.num_tokens must be >= 0, got {self.num_tokens}")
@@ -104,6 +118,13 @@ class ModelConfig:
         check_seed("model.seed", self.seed, 2**63 - 1)  # torch.Generator's range
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"model.min_pixels ({self.min_pixels}) > model.max_pixels ({self.max_pixels})")
+        if not (isinstance(self.video_fps, (int, float)) and math.isfinite(self.video_fps) and self.video_fps > 0):
+            raise ConfigError(f"model.video_fps must be a number > 0, got {self.video_fps!r}")
+        if self.video_max_frames < 1:
+            raise ConfigError(f"model.video_max_frames must be >= 1, got {self.video_max_frames}")
+        if self.video_max_pixels is not None and self.video_max_pixels < max(1, self.min_pixels):
+            raise ConfigError(f"model.video_max_pixels ({self.video_max_pixels}) must be >= model.min_pixels "
+                              f"({self.min_pixels}) and >= 1 (or null: model.max_pixels)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         for name in ("max_text_tokens", "max_instruction_tokens"):
@@ -392,7 +413,8 @@ def _deep_copy(config: T) -> T:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         values[f.name] = _deep_copy(value) if dataclasses.is_dataclass(value) else (
-            list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value)
+            [_deep_copy(v) for v in value] if isinstance(value, list) else
+            dict(value) if isinstance(value, dict) else value)
     return type(config)(**values)
 
 
@@ -456,6 +478,12 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
         return {str(k): _coerce(v, value_type, key, where) for k, v in value.items()}
     if hint is Any:
         return value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a list of sections (e.g. data.phases)
+        if isinstance(value, hint):
+            return _deep_copy(value)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {key} expects a mapping of {hint.__name__} settings, got {value!r}")
+        return from_dict(hint, value, where=f"{where}: {key}")
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -23,7 +23,7 @@ So each pair sees prompt < query view < document view < answer with no gap betwe
 document and its answer, whatever the other documents' lengths: the distance from a
 document to its answer cannot tell the model which slot (or label) it is looking at, and
 a pair is numbered the same in training (two documents per row) as in reranking (one).
-Qwen's 3-D M-RoPE ids are used inside image blocks. The reference implementation
+Qwen's 3-D M-RoPE ids are used inside image and video blocks. The reference implementation
 (:func:`build_reference_batch`) runs each pair as its own sequence with exactly those
 positions and the same block visibility; tests check both give the same logits.
 
@@ -36,13 +36,12 @@ controlled by matching only a sub-batch per step (see the trainer's ``matching_s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import torch
 
-from rematch.backbones.base import BackboneAdapter, EncoderBatch
-from rematch.data.images import load_image_for_model
+from rematch.backbones.base import IMAGE, VIDEO, BackboneAdapter, EncoderBatch
 from rematch.data.items import Item
 
 QUERY_HEADER = "Query: "
@@ -68,19 +67,27 @@ def view_pairs(num_documents: int) -> list[tuple[int, int]]:
 
 @dataclass
 class ProcessedImage:
-    """One image already through the image processor, so a matching sequence can reuse it.
+    """One image or video already through the processor, so a matching sequence can reuse it.
 
     The embedding batches of a training step have decoded, resized and patched every image
-    of the step; the matching sequences show the same images again (raw query and document
-    views), so they take these patches instead of decoding the files a second time.
+    and video of the step; the matching sequences show the same ones again (raw query and
+    document views), so they take these patches instead of decoding the files a second time.
     """
 
     pixels: torch.Tensor  # (patches, C*T*P*P)
     grid: list[int]  # (t, h, w) in patches
     source: int | None = None
-    """Index of this image in the step's image table (queries', positives', then negatives'
-    images, in row order), where :mod:`rematch.training.vision_cache` keeps its tower
-    features; None when the image came from somewhere else."""
+    """Index of this visual input in the step's table (queries', positives', then negatives'
+    images and videos, in row order), where :mod:`rematch.training.vision_cache` keeps its
+    tower features; None when it came from somewhere else."""
+    second_per_grid: float | None = None
+    """None for an image; for a video, the seconds one temporal patch spans (its position ids)."""
+    timestamps: list[float] | None = None
+    """For a video, the seconds of each frame (Qwen3-VL writes them into the text)."""
+
+    @property
+    def is_video(self) -> bool:
+        return self.second_per_grid is not None
 
 
 @dataclass
@@ -88,8 +95,8 @@ class RawView:
     """An item's raw view in a matching sequence (``"Query: ..."`` or ``"\nDocument: ..."``), tokenised."""
 
     ids: list[int]
-    types: list[int]  # 0 text, 1 image token
-    image: ProcessedImage | None
+    types: list[int]  # 0 text, 1 image token, 2 video token
+    image: ProcessedImage | None  # the item's image or video
 
 
 @dataclass
@@ -116,7 +123,7 @@ class MatchBatch:
     position_ids: torch.Tensor  # (3, R, L)
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
-    image_sources: list[int | None]  # per image: its index in the step's image table (see ProcessedImage)
+    image_sources: list[int | None]  # per image: its index in the step's visual table (see ProcessedImage)
     soft_rows: torch.Tensor  # (S,) row of each soft token
     soft_cols: torch.Tensor  # (S,) column of each soft token
     soft_sources: torch.Tensor  # (S,) index into the soft-embedding table (see soft_table_index)
@@ -125,6 +132,9 @@ class MatchBatch:
     labels: torch.Tensor  # (N,) 0 = "Yes", 1 = "No"
     num_samples: int
     num_documents: int
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    video_sources: list[int | None] = field(default_factory=list)  # per video, as image_sources
 
     @property
     def pairs_per_sample(self) -> int:
@@ -157,8 +167,21 @@ class _Block:
     end: int = 0  # the first position after this block
 
     @property
-    def grids(self) -> list[list[int]]:
-        return [image.grid for image in self.images]
+    def image_grids(self) -> list[list[int]]:
+        return [image.grid for image in self.images if not image.is_video]
+
+    @property
+    def video_grids(self) -> list[list[int]]:
+        return [image.grid for image in self.images if image.is_video]
+
+    @property
+    def video_seconds(self) -> list[float]:
+        return [image.second_per_grid for image in self.images if image.is_video]
+
+    def number(self, adapter: BackboneAdapter, start: int) -> tuple[torch.Tensor, int]:
+        """This block's position ids from ``start`` and the next free position."""
+        videos = {"video_grids": self.video_grids, "video_seconds": self.video_seconds} if self.video_grids else {}
+        return adapter.block_positions(self.types, self.image_grids, start, **videos)
 
 
 @dataclass
@@ -180,40 +203,77 @@ def _fixed_blocks(adapter: BackboneAdapter, system: str, instruction: str) -> _F
 
 def raw_views(adapter: BackboneAdapter, items: Sequence[Item], header: str,
               images: Sequence[ProcessedImage | None], wheres: Sequence[str]) -> list[RawView]:
-    """Tokenise items' raw views with images that are already processed (no decoding, no resizing).
+    """Tokenise items' raw views with images and videos that are already processed (no decoding,
+    no resizing).
 
-    ``images[i]`` is item i's processed image (None for a text-only item); ``wheres[i]``
+    ``images[i]`` is item i's processed image or video (None for a text-only item); ``wheres[i]``
     names the item in errors.
     """
     texts = []
     for item, image, where in zip(items, images, wheres):
         adapter.check_user_text(item, where)
-        if (item.image is None) != (image is None):
-            raise ValueError(f"{where}: the item {'has' if item.image is not None else 'has no'} image but "
-                             f"{'none' if image is None else 'one'} was given")
+        kind = "video" if item.video is not None else "image"
+        if not item.has_visual and image is not None:
+            raise ValueError(f"{where}: the item has no image or video but one was given")
+        if item.has_visual and (image is None or image.is_video != (kind == "video")):
+            raise ValueError(f"{where}: the item has {'a video' if kind == 'video' else 'an image'} but "
+                             f"{'none' if image is None else 'the other kind'} was given")
         texts.append(header + adapter.content_text(item))
-    grids = [image.grid for image in images if image is not None]
-    tokens = adapter.tokenize_blocks_with_grids(texts, grids) if texts else None
+    present = [image for image in images if image is not None]
+    tokens = adapter.tokenize_blocks_with_grids(
+        texts, [image.grid for image in present if not image.is_video],
+        **_video_grids_argument([image for image in present if image.is_video])) if texts else None
     return [RawView(ids, types, image) for ids, types, image
             in zip(tokens.input_ids, tokens.token_types, images)] if tokens else []
 
 
-def processed_images(batch: EncoderBatch, first_source: int = 0) -> list[ProcessedImage | None]:
-    """Each row's image as the embedding batch already processed it (None for a text-only row).
+def _video_grids_argument(videos: list[ProcessedImage]) -> dict:
+    """``video_grids=`` (and the frame times) only when there are videos: a family without a video
+    path keeps working."""
+    if not videos:
+        return {}
+    times = [video.timestamps for video in videos]
+    return {"video_grids": [video.grid for video in videos],
+            **({"video_timestamps": times} if all(time is not None for time in times) else {})}
 
-    ``first_source`` is the step-table index of this batch's first image (see
-    :attr:`ProcessedImage.source`).
+
+def _split_visuals(pixels: torch.Tensor | None, grid_thw: torch.Tensor | None, rows: int, name: str
+                   ) -> list[tuple[torch.Tensor, list[int]]]:
+    grids = [list(map(int, grid)) for grid in grid_thw.tolist()] if grid_thw is not None else []
+    if len(grids) != rows:
+        raise ValueError(f"{rows} rows with {name} tokens but {len(grids)} {name}s in the batch")
+    return list(zip(torch.split(pixels, [t * h * w for t, h, w in grids]), grids)) if grids else []
+
+
+def processed_images(batch: EncoderBatch, first_source: int = 0) -> list[ProcessedImage | None]:
+    """Each row's image or video as the embedding batch already processed it (None for a text-only row).
+
+    ``first_source`` is the step-table index of this batch's first visual input (see
+    :attr:`ProcessedImage.source`); images and videos share the table, in row order.
     """
-    has_image = batch.mm_token_type_ids.bool().any(dim=1).tolist()
-    chunks: list[torch.Tensor] = []
-    grids: list[list[int]] = []
-    if batch.image_grid_thw is not None:
-        grids = [list(map(int, grid)) for grid in batch.image_grid_thw.tolist()]
-        chunks = list(torch.split(batch.pixel_values, [t * h * w for t, h, w in grids]))
-    if len(grids) != sum(has_image):
-        raise ValueError(f"{sum(has_image)} rows with image tokens but {len(grids)} images in the batch")
-    images = iter(ProcessedImage(pixels, grid, first_source + n) for n, (pixels, grid) in enumerate(zip(chunks, grids)))
-    return [next(images) if row_has_image else None for row_has_image in has_image]
+    kinds = batch.visual_kinds()
+    images = iter(_split_visuals(batch.pixel_values, batch.image_grid_thw, kinds.count(IMAGE), "image"))
+    videos = iter(_split_visuals(batch.pixel_values_videos, batch.video_grid_thw, kinds.count(VIDEO), "video"))
+    seconds = iter(batch.second_per_grid_ts or [])
+    times = iter(batch.video_timestamps or [])
+    processed: list[ProcessedImage | None] = []
+    source = first_source
+    for kind in kinds:
+        if kind == IMAGE:
+            pixels, grid = next(images)
+            processed.append(ProcessedImage(pixels, grid, source))
+        elif kind == VIDEO:
+            pixels, grid = next(videos)
+            second = next(seconds, None)
+            if second is None:
+                raise ValueError("a video row without its second_per_grid_ts in the batch")
+            processed.append(ProcessedImage(pixels, grid, source, second_per_grid=float(second),
+                                            timestamps=next(times, None)))
+        else:
+            processed.append(None)
+            continue
+        source += 1
+    return processed
 
 
 @dataclass
@@ -233,8 +293,8 @@ class MatchingViews:
 def training_views(adapter: BackboneAdapter, query_items: Sequence[Item], queries: EncoderBatch,
                    positive_items: Sequence[Item], positives: EncoderBatch, negative_items: Sequence[Item],
                    negatives: EncoderBatch | None, negative_owner: Sequence[int]) -> MatchingViews:
-    """:class:`MatchingViews` of one training batch; image sources number the step's image
-    table in the order queries, positives, negatives."""
+    """:class:`MatchingViews` of one training batch; sources number the step's visual table
+    (images and videos) in the order queries, positives, negatives."""
     query_images = processed_images(queries, 0)
     positive_images = processed_images(positives, sum(image is not None for image in query_images))
     first_negative = sum(image is not None for image in query_images + positive_images)
@@ -252,26 +312,33 @@ def training_views(adapter: BackboneAdapter, query_items: Sequence[Item], querie
 
 
 def _loaded_views(adapter: BackboneAdapter, sample: MatchSample, where: str) -> list[RawView]:
-    """Raw views of a sample that came without them: load its images and run the processor."""
+    """Raw views of a sample that came without them: load its images and videos and run the processor."""
     owners = [sample.query, *sample.documents]
     roles = ["query"] + [f"document {j}" for j in range(len(sample.documents))]
     for item, role in zip(owners, roles):
         adapter.check_user_text(item, f"{where} ({role})")
     texts = [QUERY_HEADER + adapter.content_text(sample.query)]
     texts += [DOCUMENT_HEADER + adapter.content_text(document) for document in sample.documents]
-    config = adapter.config
-    images = [load_image_for_model(item.image, config.min_pixels, config.max_pixels, where=f"{where} ({role})")
+    images = [adapter.load_image(item.image, f"{where} ({role})")
               for item, role in zip(owners, roles) if item.image is not None]
-    tokens = adapter.tokenize_blocks(texts, images)
+    videos = [adapter.load_video(item.video, f"{where} ({role})")
+              for item, role in zip(owners, roles) if item.video is not None]
+    tokens = adapter.tokenize_blocks(texts, images, videos) if videos else adapter.tokenize_blocks(texts, images)
     pixel_chunks = (list(torch.split(tokens.pixel_values, tokens.patches_per_image))
                     if tokens.pixel_values is not None else [])
-    processed = iter([ProcessedImage(pixels, grid) for pixels, grid in zip(pixel_chunks, tokens.image_grids)])
+    video_chunks = (list(torch.split(tokens.pixel_values_videos, tokens.patches_per_video))
+                    if getattr(tokens, "pixel_values_videos", None) is not None else [])
+    processed = {IMAGE: iter([ProcessedImage(pixels, grid) for pixels, grid in zip(pixel_chunks, tokens.image_grids)]),
+                 VIDEO: iter([ProcessedImage(pixels, grid, second_per_grid=second, timestamps=times)
+                              for pixels, grid, second, times in zip(video_chunks, tokens.video_grids,
+                                                                     tokens.video_seconds, tokens.video_timestamps)])}
     views = []
     for ids, types in zip(tokens.input_ids, tokens.token_types):
-        n_images = sum(1 for t in _runs(types) if t == 1)
-        if n_images > 1:
-            raise ValueError(f"{where}: a view holds {n_images} images; one per item is supported")
-        views.append(RawView(ids, types, next(processed) if n_images else None))
+        visual_runs = [t for t in _runs(types) if t in (IMAGE, VIDEO)]
+        # an image is one run of tokens; a video may be several (Qwen3-VL: one per temporal patch)
+        if len(set(visual_runs)) > 1 or visual_runs.count(IMAGE) > 1:
+            raise ValueError(f"{where}: a view holds {len(visual_runs)} images or videos; one per item is supported")
+        views.append(RawView(ids, types, next(processed[visual_runs[0]]) if visual_runs else None))
     return views
 
 
@@ -310,12 +377,12 @@ def _runs(types: Sequence[int]) -> list[int]:
 def _assign_positions(adapter: BackboneAdapter, blocks: list[_Block]) -> None:
     """Number the content blocks (see the module docstring); answers are numbered per pair."""
     prompt = blocks[0]
-    prompt.positions, prompt.end = adapter.block_positions(prompt.types, prompt.grids, 0)
+    prompt.positions, prompt.end = prompt.number(adapter, 0)
     for block in blocks[1:3]:
-        block.positions, block.end = adapter.block_positions(block.types, block.grids, prompt.end)
+        block.positions, block.end = block.number(adapter, prompt.end)
     document_start = max(block.end for block in blocks[1:3])
     for block in blocks[3:]:
-        block.positions, block.end = adapter.block_positions(block.types, block.grids, document_start)
+        block.positions, block.end = block.number(adapter, document_start)
 
 
 def _visibility(kinds_of_rows: list[list[int]], answer_pairs: dict[int, tuple[int, int]], length: int,
@@ -355,6 +422,8 @@ def _assemble(rows: list[list[_Block]], soft_entries, answer_entries, labels, nu
     soft_rows, soft_cols, soft_sources = (torch.tensor(v, dtype=torch.long) for v in zip(*soft_entries)) \
         if soft_entries else (torch.zeros(0, dtype=torch.long),) * 3
     answer_rows, answer_cols = (torch.tensor(v, dtype=torch.long) for v in zip(*answer_entries))
+    videos = [image for image in images if image.is_video]
+    images = [image for image in images if not image.is_video]
     return MatchBatch(
         input_ids=input_ids,
         block_mask=_visibility(kinds_of_rows, answer_pairs, length, lengths),
@@ -362,6 +431,9 @@ def _assemble(rows: list[list[_Block]], soft_entries, answer_entries, labels, nu
         pixel_values=torch.cat([image.pixels for image in images]) if images else None,
         image_grid_thw=torch.tensor([image.grid for image in images], dtype=torch.long) if images else None,
         image_sources=[image.source for image in images],
+        pixel_values_videos=torch.cat([video.pixels for video in videos]) if videos else None,
+        video_grid_thw=torch.tensor([video.grid for video in videos], dtype=torch.long) if videos else None,
+        video_sources=[video.source for video in videos],
         soft_rows=soft_rows, soft_cols=soft_cols, soft_sources=soft_sources,
         answer_rows=answer_rows, answer_cols=answer_cols,
         labels=torch.tensor(labels, dtype=torch.long),
@@ -387,7 +459,7 @@ def _labels(sample: MatchSample, pairs: list[tuple[int, int]]) -> list[int]:
 
 def _answer_block(adapter: BackboneAdapter, answer: _Block, pair: int, document_view: _Block) -> _Block:
     """Pair ``pair``'s answer block, numbered from the end of its own document view."""
-    positions, end = adapter.block_positions(answer.types, answer.grids, document_view.end)
+    positions, end = answer.number(adapter, document_view.end)
     return _Block(ANSWER_KIND + pair, answer.ids, answer.types, [], positions, end=end)
 
 
@@ -454,24 +526,32 @@ def match_logits(model, batch: MatchBatch, soft_embeddings: torch.Tensor,
     ``soft_embeddings`` holds the L2-normalised embeddings per sample in the order
     [query, document 0, ..., document n-1] (see :func:`soft_table_index`); they pass
     through the projector here, so the matching loss trains the embeddings too.
-    ``image_features`` is the step's image table of precomputed tower outputs (frozen
-    tower, :mod:`rematch.training.vision_cache`): when every image of the batch has an
-    entry there, the tower does not run again.
+    ``image_features`` is the step's table of precomputed tower outputs per image or video
+    (frozen tower, :mod:`rematch.training.vision_cache`): when every image (video) of the batch
+    has an entry there, the tower does not run on the images (videos) again.
     """
     batch = batch.to(model.device)
     adapter = model.adapter
-    features = None
-    if (image_features is not None and batch.image_sources
-            and all(source is not None for source in batch.image_sources)):
-        features = torch.cat([image_features[source] for source in batch.image_sources])
-    embeds = adapter.input_embeddings(model.backbone, batch.input_ids, batch.pixel_values, batch.image_grid_thw,
-                                      image_features=features)
+
+    def looked_up(sources: list[int | None]) -> torch.Tensor | None:
+        if image_features is None or not sources or any(source is None for source in sources):
+            return None
+        return torch.cat([image_features[source] for source in sources])
+
+    video_inputs = {}
+    if batch.pixel_values_videos is not None:
+        video_inputs = {"pixel_values_videos": batch.pixel_values_videos, "video_grid_thw": batch.video_grid_thw,
+                        "video_features": looked_up(batch.video_sources)}
+    embeds, deepstack = adapter.embed_inputs(model.backbone, batch.input_ids, batch.pixel_values,
+                                             batch.image_grid_thw, image_features=looked_up(batch.image_sources),
+                                             **video_inputs)
     if batch.soft_sources.numel():
         soft = model.project(soft_embeddings)[batch.soft_sources].to(embeds.dtype)
         embeds = embeds.index_put((batch.soft_rows, batch.soft_cols), soft)
     # a 4-D boolean mask: the adapter runs it on a kernel that takes one (sdpa/eager), whatever
     # the embedding forward uses (rematch.backbones.attention)
-    hidden = adapter.language_model(model.backbone, embeds, batch.block_mask[:, None], batch.position_ids)
+    hidden = adapter.language_model(model.backbone, embeds, batch.block_mask[:, None], batch.position_ids,
+                                    deepstack=deepstack)
     answers = hidden[batch.answer_rows, batch.answer_cols]
     logits = model.answer_logits(answers)
     return logits.view(batch.num_samples, batch.pairs_per_sample, 2)

@@ -22,11 +22,15 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from rematch.backbones import adapter_for, load_backbone
-from rematch.backbones.base import EncoderBatch
+from rematch.backbones.base import DeepStack, EncoderBatch
 from rematch.config import ROLES, ModelConfig
 from rematch.data.items import Item, ItemLike, as_items
 from rematch.instructions import document_items, with_resolved_table
 from rematch.layers import EmbeddingProjector, init_learnable_tokens, ordinary_token_ids
+
+
+#: ModelConfig fields that only change video inputs (see :meth:`ReMatchModel.fingerprint`).
+VIDEO_SETTINGS = ("video_fps", "video_max_frames", "video_max_pixels")
 
 
 @dataclass
@@ -61,6 +65,7 @@ class ReMatchModel(nn.Module):
         self.backbone = backbone
         model_type = self._causal_lm().config.model_type
         self.adapter = adapter_for(model_type)(processor, config)
+        self.adapter.bind_backbone(self._causal_lm().config)
         self.hidden_size = self.adapter.hidden_size(backbone)
         self.yes_token_id = self.adapter.token_id("Yes")
         self.no_token_id = self.adapter.token_id("No")
@@ -104,7 +109,7 @@ class ReMatchModel(nn.Module):
     @classmethod
     def from_backbone(cls, name_or_path: str | os.PathLike, k: int = 16, pooling: str | None = None,
                       **config_fields) -> "ReMatchModel":
-        """Fresh ReMatch parts on a Qwen2-VL / Qwen2.5-VL checkpoint (hub id or local directory)."""
+        """Fresh ReMatch parts on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (hub id or local directory)."""
         config = ModelConfig(backbone=str(name_or_path), num_tokens=k, pooling=pooling or ("mean" if k else "last"),
                              **config_fields)
         return cls.from_config(config)
@@ -233,8 +238,9 @@ class ReMatchModel(nn.Module):
     def embed(self, batch: EncoderBatch, role: str) -> EmbeddingOutput:
         """One differentiable embedding forward."""
         batch = batch.to(self.device, non_blocking=True)  # asynchronous only from pinned memory
-        embeds = self.adapter.input_embeddings(self.backbone, batch.input_ids, batch.pixel_values,
-                                               batch.image_grid_thw, image_features=batch.image_features)
+        embeds, deepstack = self.adapter.embed_inputs(self.backbone, batch.input_ids, batch.pixel_values,
+                                                      batch.image_grid_thw, image_features=batch.image_features,
+                                                      **batch.video_inputs())
         k = batch.num_slots
         if k != self.num_tokens:
             raise ValueError(f"batch was prepared with {k} slots but the model has K={self.num_tokens}")
@@ -242,9 +248,10 @@ class ReMatchModel(nn.Module):
             tokens = self.role_tokens(role).to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
             embeds = torch.cat([embeds[:, :-k], tokens], dim=1)
         if self.config.padding_free:
-            states = self._packed_states(embeds, batch, max(k, 1))
+            states = self._packed_states(embeds, batch, max(k, 1), deepstack)
         else:
-            hidden = self.adapter.language_model(self.backbone, embeds, batch.attention_mask, batch.position_ids)
+            hidden = self.adapter.language_model(self.backbone, embeds, batch.attention_mask, batch.position_ids,
+                                                 deepstack=deepstack)
             states = hidden[:, -k:] if k else hidden[:, -1:]
         # Pool in float32 whatever the compute dtype: a bf16 mean of 16 states rounds each
         # partial sum to 8 bits of mantissa, enough to move near-tied neighbours in a ranking.
@@ -252,7 +259,8 @@ class ReMatchModel(nn.Module):
         embedding = F.normalize(fused, dim=-1)
         return EmbeddingOutput(embedding=embedding, fused=fused, token_states=states)
 
-    def _packed_states(self, embeds: torch.Tensor, batch: EncoderBatch, last: int) -> torch.Tensor:
+    def _packed_states(self, embeds: torch.Tensor, batch: EncoderBatch, last: int,
+                       deepstack: DeepStack | None = None) -> torch.Tensor:
         """Padding-free forward: the rows' real tokens packed into one sequence; (B, last, H) final states.
 
         Each item keeps its own M-RoPE ids (they start at 0 per item, as in the padded
@@ -264,7 +272,8 @@ class ReMatchModel(nn.Module):
         lengths = valid.sum(dim=1)
         packed = embeds[valid].unsqueeze(0)  # row-major: each row's tokens stay together, in order
         positions = batch.position_ids[:, valid].unsqueeze(1)
-        hidden = self.adapter.packed_language_model(self.backbone, packed, positions, lengths)[0]
+        deepstack = deepstack.packed(valid) if deepstack is not None else None
+        hidden = self.adapter.packed_language_model(self.backbone, packed, positions, lengths, deepstack)[0]
         ends = lengths.cumsum(dim=0)
         index = ends[:, None] - last + torch.arange(last, device=ends.device)[None, :]
         return hidden[index]
@@ -373,8 +382,12 @@ class ReMatchModel(nn.Module):
         from rematch.serialization import weights_fingerprint
 
         state = self.state_dict(keep_vars=True)
-        # padding_free changes how a batch is laid out, not the vectors: it is no part of the identity
-        identity = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "padding_free"}
+        # padding_free changes how a batch is laid out, not the vectors: it is no part of the identity.
+        # The video settings came later: they join it only when set away from their defaults, so
+        # the fingerprints stored in existing indexes and caches still match their models.
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config) if f.name in VIDEO_SETTINGS}
+        identity = {k: v for k, v in dataclasses.asdict(self.config).items()
+                    if k != "padding_free" and not (k in defaults and v == defaults[k])}
         key = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state.items())
         cached = getattr(self, "_fingerprint_cache", None)
         if cached is None or cached[0] != key:

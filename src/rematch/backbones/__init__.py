@@ -10,19 +10,23 @@ from transformers import (
     PreTrainedModel,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
 )
 
 from rematch.backbones.attention import load_time_attention
 from rematch.backbones.base import BackboneAdapter, EncoderBatch
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
+from rematch.backbones.qwen3_vl import Qwen3VLAdapter
 from rematch.backbones.qwen_vl import QwenVLAdapter
 from rematch.backbones.tiny import build_tiny_backbone
 from rematch.config import ModelConfig
 
-ADAPTERS: dict[str, type[BackboneAdapter]] = {t: QwenVLAdapter for t in QwenVLAdapter.model_types}
+ADAPTERS: dict[str, type[BackboneAdapter]] = {t: adapter for adapter in (QwenVLAdapter, Qwen3VLAdapter)
+                                               for t in adapter.model_types}
 MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
 }
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,7 +80,7 @@ def adapter_for(model_type: str) -> type[BackboneAdapter]:
 
 def load_pretrained_backbone(name_or_path: str | Path, config: ModelConfig
                              ) -> tuple[PreTrainedModel, ImageOnlyQwenVLProcessor]:
-    """Load a Qwen-VL checkpoint (hub id or local directory) and its processor."""
+    """Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (hub id or local directory) and its processor."""
     hf_config = AutoConfig.from_pretrained(name_or_path)
     model_type = hf_config.model_type
     if model_type not in MODEL_CLASSES:
@@ -106,5 +110,5 @@ def load_backbone(config: ModelConfig, device: str | torch.device = "cpu"
 
 
 __all__ = ["ADAPTERS", "BackboneAdapter", "CheckpointFilesError", "EncoderBatch", "ImageOnlyQwenVLProcessor",
-           "QwenVLAdapter", "adapter_for", "build_tiny_backbone", "load_backbone", "load_pretrained_backbone",
+           "Qwen3VLAdapter", "QwenVLAdapter", "adapter_for", "build_tiny_backbone", "load_backbone", "load_pretrained_backbone",
            "load_weights", "TORCH_DTYPES"]

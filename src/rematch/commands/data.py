@@ -25,10 +25,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     out = write_shapes_dataset(args.out, train_rows=args.train_rows, eval_queries=args.eval_queries, seed=args.seed,
                                num_candidates=args.candidates, fmt=args.format, image_size=args.image_size,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, video_clips=args.video_clips, pages=args.pages,
+                               frame_size=args.frame_size, video_mp4=args.video_mp4)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     for subset, counts in manifest["subsets"].items():
         print(f"{subset:<14} {counts['meta_task']:<15} train {counts['train']:>7}  test {counts['test']:>6}")
+    for task, counts in manifest.get("video", {}).get("tasks", {}).items():
+        print(f"{task:<16} video {counts['category']:<15} clips: train {counts['train']:>4}  test {counts['test']:>4}")
+    for task, counts in manifest.get("visdoc", {}).get("tasks", {}).items():
+        print(f"{task:<16} visdoc {counts['category']:<14} pages: train {counts['train']['pages']:>4}  "
+              f"test {counts['test']['pages']:>4}")
     print(f"wrote the shapes world to {out} ({manifest['images']} images, {manifest['seconds']} s); "
           f"check it with: rematch data check {out}")
     return 0
@@ -59,6 +65,16 @@ def register(sub) -> None:
     synth.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
     synth.add_argument("--image-size", type=positive_int, default=112,
                        help="side of the square images in pixels (28 to 2048)")
+    synth.add_argument("--video-clips", type=non_negative_int, default=0,
+                       help="moving-shapes clips per video task and split, in MMEB-V2's video layouts "
+                            "(DIR/video-tasks; default 0: none, e.g. 4)")
+    synth.add_argument("--frame-size", type=positive_int, default=56,
+                       help="side of the square video frames in pixels (even, 28 to 1024)")
+    synth.add_argument("--video-mp4", action="store_true",
+                       help="also encode every clip as an mp4 with PyAV (the PNG frames are always written)")
+    synth.add_argument("--pages", type=non_negative_int, default=0,
+                       help="rendered text pages per split, with one query each, in the ViDoRe layout "
+                            "(DIR/visdoc-tasks; default 0: none, e.g. 8)")
     synth.add_argument("--overwrite", action="store_true",
                        help="replace whatever is in --out (by default only a new or empty directory or an earlier "
                             "shapes world is replaced)")

@@ -1,4 +1,4 @@
-"""``rematch eval mmeb | retrieval``: the MMEB protocol and whole-corpus retrieval evaluation.
+"""``rematch eval mmeb | mmeb-v2 | retrieval``: the MMEB protocols and whole-corpus retrieval evaluation.
 
 Both run on one process or under ``torchrun`` (each rank encodes a shard; rank 0 writes).
 """
@@ -60,6 +60,23 @@ def _input_limits(args: argparse.Namespace, model):
                               max_text_tokens=args.max_text_tokens)
     except InputLimitsError as error:
         raise SystemExit(f"rematch eval mmeb: {error}") from error
+
+
+def cmd_mmeb_v2(args: argparse.Namespace) -> int:
+    from rematch.evaluation.distributed import torchrun_session
+    from rematch.evaluation.mmeb_v2 import evaluate_mmeb_v2
+
+    if args.rerank:
+        raise SystemExit("rematch eval mmeb-v2: --rerank is not supported yet (use eval mmeb for image tasks)")
+    if args.input_limits == "official":
+        _input_limits(args, None)  # bad values fail before the model is loaded
+    with torchrun_session() as device:
+        model = _model(args, device)
+        evaluate_mmeb_v2(model, args.data, args.out, modalities=args.modalities, tasks=args.tasks,
+                         skip_bad=args.skip_bad, image_root=args.image_root, batch_size=args.batch_size,
+                         cache_dir=_cache_dir(args), limits=_input_limits(args, model), overwrite=args.overwrite,
+                         show_progress=args.progress)
+    return 0
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
@@ -139,6 +156,27 @@ def register(sub) -> None:
     mmeb.add_argument("--compare", default=None, metavar="OTHER_OUT",
                       help="print this run next to another run's summary, with deltas")
     mmeb.set_defaults(func=cmd_mmeb)
+
+    v2 = groups.add_parser("mmeb-v2", help="MMEB-V2 (image, video and visual-document tasks in their published "
+                                           "layouts): per-task JSON and a summary in the official layout")
+    _common(v2)
+    v2.add_argument("--data", required=True, help="MMEB-V2 root holding image-tasks/, video-tasks/, visdoc-tasks/")
+    v2.add_argument("--out", required=True, help="output directory (<Task>.json, summary.json, summary.md)")
+    v2.add_argument("--modalities", nargs="+", choices=("image", "video", "visdoc"),
+                    default=["image", "video", "visdoc"], help="which modalities to evaluate (default: all)")
+    v2.add_argument("--tasks", nargs="+", default=None, help="task names (default: every task found under --data)")
+    v2.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable rows instead of stopping")
+    v2.add_argument("--image-root", default=None,
+                    help="directory the image tasks' image paths are relative to (default: DATA/image-tasks)")
+    for flag, kind, text in (("--min-pixels", positive_int, "smallest image area in pixels"),
+                             ("--max-pixels", positive_int, "largest image area in pixels"),
+                             ("--max-text-tokens", non_negative_int, "truncate texts to this many tokens (0 = never)")):
+        v2.add_argument(flag, type=kind, default=None, help=text)
+    v2.add_argument("--input-limits", choices=("official", "model"), default="official",
+                    help="image/text limits to encode with (as for eval mmeb; default: the official MMEB-V1 ones)")
+    v2.add_argument("--overwrite", action="store_true",
+                    help="remove per-task results of another model found in --out (default: refuse)")
+    v2.set_defaults(func=cmd_mmeb_v2)
 
     retrieval = groups.add_parser("retrieval", help="rank the whole corpus for each query: recall@k, nDCG@10, MRR")
     _common(retrieval)

@@ -86,7 +86,7 @@ def register(sub) -> None:
     tiny = sub.add_parser("tiny", help="save an untrained offline tiny ReMatch model")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
-    tiny.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
+    tiny.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     tiny.add_argument("--k", type=non_negative_int, default=16)
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

@@ -53,8 +53,8 @@ class TrainBatch:
     """:class:`rematch.matching.MatchingViews` of every item, tokenised from the already
     processed images (collators built with ``matching=True``); None: the step makes them."""
     image_features: list | None = None
-    """Per image of the step (queries', positives', negatives' images in row order): the frozen
-    vision tower's output, filled in by :mod:`rematch.training.vision_cache`; None: not computed."""
+    """Per image or video of the step (queries', positives', negatives' visual inputs in row order):
+    the frozen vision tower's output, filled in by :mod:`rematch.training.vision_cache`; None: not computed."""
 
     def __len__(self) -> int:
         return len(self.query_items)
@@ -156,7 +156,8 @@ class TrainCollator:
                 self.model.prepare([item], role=role, where=text_field.split("[")[0])
             except ImageLoadError as error:
                 reason = MISSING_IMAGE if "not found" in str(error) else UNREADABLE_IMAGE
-                return RowProblem(reason, ref, image_field, str(error))
+                field = image_field.replace("image", "video") if item.video is not None else image_field
+                return RowProblem(reason, ref, field, str(error))
             except ItemError as error:
                 return RowProblem(_reason_of(str(error)), ref, text_field, str(error))
         return None

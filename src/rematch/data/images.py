@@ -131,14 +131,15 @@ def target_size(height: int, width: int, min_pixels: int, max_pixels: int,
 
 
 def load_image_for_model(source: str | os.PathLike | Image.Image, min_pixels: int, max_pixels: int,
-                         where: str = "item 0") -> Image.Image:
-    """Open, convert and resize an image to the exact size the vision tower will see."""
+                         where: str = "item 0", factor: int = PATCH_FACTOR) -> Image.Image:
+    """Open, convert and resize an image to the exact size the vision tower will see (sides
+    multiples of ``factor``: the tower's patch size times its merge size)."""
     image = open_image(source, where, draft_pixels=max_pixels)
     width, height = image.size
     file_path = source if isinstance(source, (str, os.PathLike)) else None
     file = f" ({source})" if file_path is not None else ""  # which file, in a row of several
     try:
-        new_h, new_w = target_size(height, width, min_pixels, max_pixels)
+        new_h, new_w = target_size(height, width, min_pixels, max_pixels, factor)
     except ValueError as error:
         raise ImageLoadError(f"{where}: unusable image size {width} x {height}{file}: {error}",
                              file_path) from error

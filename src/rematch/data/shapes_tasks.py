@@ -570,13 +570,17 @@ GENERATOR = "rematch shapes world"
 def write_shapes_dataset(out_dir: str | os.PathLike, train_rows: int, eval_queries: int, seed: int = 0,
                          num_candidates: int = 100, fmt: str = "jsonl", image_size: int = 112,
                          tasks: Sequence[str] | None = None, row_group_size: int = 1024,
-                         overwrite: bool = False) -> Path:
+                         overwrite: bool = False, video_clips: int = 0, pages: int = 0, frame_size: int = 56,
+                         video_mp4: bool = False) -> Path:
     """Write the shapes world in MMEB layout and return ``out_dir``::
 
         OUT/<Subset>/train.jsonl|parquet   MMEB-train schema (+ scene-graph columns)
         OUT/<Subset>/test.jsonl|parquet    MMEB-eval schema (+ scene-graph columns)
         OUT/images/<split>/{scenes,crops}/<hash>.png
         OUT/manifest.json                  what was generated, with which settings
+        OUT/video-tasks/, OUT/visdoc-tasks/  with ``video_clips`` / ``pages`` > 0: the video clips
+                                           and page images in MMEB-V2's layouts
+                                           (:mod:`rematch.world.video_clips`, :mod:`rematch.world.pages`)
 
     Image paths in rows are relative to OUT, so ``OUT`` is both the data root and the image root.
     ``OUT`` is written as a whole (a temporary sibling renamed into place): it must be new, empty
@@ -586,13 +590,16 @@ def write_shapes_dataset(out_dir: str | os.PathLike, train_rows: int, eval_queri
     from rematch.atomic import check_replaceable, write_directory_atomically
 
     check_shapes_sizes(train_rows, eval_queries, num_candidates, image_size, fmt)
+    _check_v2_sizes(video_clips, pages, frame_size, video_mp4)
     tasks = _check_tasks(tasks)
     target = Path(out_dir).absolute()  # "." has no name to write a sibling under
     what = "a shapes world (rematch data synth)"
     check_replaceable(target, _is_shapes_world, what, overwrite)  # before the work, not after it
     write_directory_atomically(target, partial(_write_world, train_rows=train_rows, eval_queries=eval_queries,
                                                seed=seed, num_candidates=num_candidates, fmt=fmt,
-                                               image_size=image_size, tasks=tasks, row_group_size=row_group_size),
+                                               image_size=image_size, tasks=tasks, row_group_size=row_group_size,
+                                               video_clips=video_clips, pages=pages, frame_size=frame_size,
+                                               video_mp4=video_mp4),
                                is_ours=_is_shapes_world, what=what, overwrite=overwrite)
     return Path(out_dir)
 
@@ -614,6 +621,16 @@ def check_shapes_sizes(train_rows: int, eval_queries: int, num_candidates: int, 
         raise ValueError(f"image_size (--image-size) must be within {low}..{high} pixels, got {image_size!r}")
 
 
+def _check_v2_sizes(video_clips: int, pages: int, frame_size: int, video_mp4: bool) -> None:
+    from rematch.world.pages import PAGE_SIZE, check_page_sizes
+    from rematch.world.video_clips import check_video_sizes, require_av
+
+    check_video_sizes(video_clips, frame_size)
+    check_page_sizes(pages, PAGE_SIZE)
+    if video_mp4 and video_clips:
+        require_av()
+
+
 def _is_shapes_world(directory: Path) -> bool:
     try:
         return json.loads((directory / "manifest.json").read_text(encoding="utf-8")).get("generator") == GENERATOR
@@ -622,7 +639,8 @@ def _is_shapes_world(directory: Path) -> bool:
 
 
 def _write_world(out: Path, *, train_rows: int, eval_queries: int, seed: int, num_candidates: int, fmt: str,
-                 image_size: int, tasks: list[str], row_group_size: int) -> None:
+                 image_size: int, tasks: list[str], row_group_size: int, video_clips: int = 0, pages: int = 0,
+                 frame_size: int = 56, video_mp4: bool = False) -> None:
     start = time.perf_counter()
     train = generate_train_rows(train_rows, seed, tasks) if train_rows > 0 else ShapesSplit()
     evaluation = ShapesSplit()
@@ -635,12 +653,22 @@ def _write_world(out: Path, *, train_rows: int, eval_queries: int, seed: int, nu
                 _write_rows(out / subset / f"{split_name}.{fmt}", rows, fmt, row_group_size)
     images = {**train.images, **evaluation.images}
     _render_images(out, images, image_size)
+    extra = {}
+    if video_clips:
+        from rematch.world.video_clips import write_video_tasks
+
+        extra["video"] = {"clips_per_split": video_clips, "frame_size": frame_size, "mp4": video_mp4,
+                          "tasks": write_video_tasks(out, video_clips, seed, frame_size, video_mp4)}
+    if pages:
+        from rematch.world.pages import write_page_tasks
+
+        extra["visdoc"] = {"pages_per_split": pages, "tasks": write_page_tasks(out, pages, seed)}
     manifest = {
         "generator": GENERATOR, "version": 1, "seed": seed, "train_rows": train_rows,
         "eval_queries": eval_queries, "num_candidates": num_candidates, "format": fmt, "image_size": image_size,
         "subsets": {task: {"meta_task": TASKS[task], "train": len(train.rows.get(task, [])),
                            "test": len(evaluation.rows.get(task, []))} for task in tasks},
-        "images": len(images), "seconds": round(time.perf_counter() - start, 2),
+        "images": len(images), **extra, "seconds": round(time.perf_counter() - start, 2),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 

@@ -57,17 +57,22 @@ class Scene:
         return "above" if dy < 0 else "below"
 
 
-def render(scene: Scene, side: int = 112) -> Image.Image:
-    """Draw a scene as an RGB image of ``side`` x ``side`` pixels."""
+def render(scene: Scene, side: int = 112, object_scale: float = 1.0) -> Image.Image:
+    """Draw a scene as an RGB image of ``side`` x ``side`` pixels.
+
+    ``object_scale`` draws every object that many times its size's radius (clipped at the
+    border): only the pre-training curriculum uses it, to start from objects that fill most
+    of the image (:mod:`rematch.training.curriculum`).
+    """
     image = Image.new("RGB", (side, side), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        _draw_object(draw, obj, side)
+        _draw_object(draw, obj, side, object_scale)
     return image
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int) -> None:
-    radius = SIZES[obj.size] * side / 2
+def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int, scale: float = 1.0) -> None:
+    radius = SIZES[obj.size] * side / 2 * scale
     cx, cy = obj.x * side, obj.y * side
     fill = COLOURS[obj.colour]
     if obj.shape == "circle":

@@ -171,7 +171,7 @@ def _wrap(text: str, width: int = 28) -> str:
 
 
 def write_report(settings: DemoSettings, records, data_root: Path, searches: list[dict], timings: dict,
-                 seconds: float, command: str) -> Path:
+                 seconds: float, command: str, video_and_pages: dict | None = None) -> Path:
     out = settings.out
     rows = settings.selected_rows()
     header = ["row", *(SHORT[c] for c in COLUMNS)]
@@ -240,6 +240,15 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
                               for h in search["hits"])
             lines += [f"- `{search['query']}`: {found}"]
         lines += [""]
+    if video_and_pages:
+        lines += ["## Video and page tasks (full model, MMEB-V2 layouts)", "",
+                  markdown_table(["task", "metric", "score %", "queries"],
+                                 [[name, row["metric"], f"{100 * row['score']:.1f}", str(row["queries"])]
+                                  for name, row in video_and_pages.items()]), "",
+                  "The world's moving-shapes clips (as frame sequences through the backbone's video path) and "
+                  "rendered text pages. Every row was fine-tuned on images only, so these show the two "
+                  "modalities running end to end and what transfers, not a trained video or page retriever. "
+                  "`rematch eval mmeb-v2` computed them (`eval-video-pages/`).", ""]
     lines += ["## Reproduce", "", "```", command, "```", "",
               "The full row's training config is in `full_config.yaml`; every run's own config, losses "
               "(jsonl/csv), loss plot, model and MMEB summaries are under `runs/<row>/seed<N>/`.", ""]

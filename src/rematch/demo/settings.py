@@ -86,6 +86,10 @@ class DemoSettings:
     image_size: int | None = None
     """Image side the model sees; None: the backbone's own (:func:`backbone_image_size`)."""
     rerank_top: int = 5
+    video_clips: int = 4
+    """Moving-shapes clips per video task (and split) the full model is scored on (0: none)."""
+    pages: int = 8
+    """Rendered text pages (with one query each) the full model is scored on (0: none)."""
     backbone: str = "tiny"
     from_scratch: bool = False
     threads: int = 1
@@ -101,6 +105,7 @@ class DemoSettings:
         if quick:
             settings.train_rows, settings.eval_queries, settings.eval_candidates = 200, 10, 20
             settings.steps, settings.batch_size, settings.rerank_top = 12, 8, 3
+            settings.video_clips, settings.pages = 2, 4
         for key, value in overrides.items():
             if value is not None:
                 setattr(settings, key, value)

@@ -58,8 +58,9 @@ def default_cache_dir() -> Path:
 
 
 def image_stamp(item: Item) -> str:
-    """Size and mtime of a path image ("missing" if absent: encoding will then raise a clear error)."""
-    image = item.image
+    """Size and mtime of a path image or video file / frame directory ("missing" if absent:
+    encoding will then raise a clear error)."""
+    image = item.image if item.image is not None else item.video
     if image is None or not isinstance(image, (str, os.PathLike)):
         return ""
     try:

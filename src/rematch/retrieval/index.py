@@ -44,7 +44,7 @@ INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, SHARDS_DIR = "index.faiss", "items.jsonl"
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 MAX_HNSW_M = 512
 _OWN_ENTRIES = {INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, SHARDS_DIR}
-_RESERVED_FIELDS = {"id", "text", "image", "instruction", "image_in_memory"}
+_RESERVED_FIELDS = {"id", "text", "image", "instruction", "image_in_memory", "video", "video_in_memory"}
 
 
 class IndexFormatError(ValueError):
@@ -227,7 +227,11 @@ class Index:
         record = self.records[position]
         if record.get("image_in_memory"):
             raise ValueError(f"item {record['id']!r} was indexed from an in-memory image, which is not stored")
-        return Item(text=record.get("text"), image=record.get("image"), instruction=record.get("instruction"))
+        if record.get("video_in_memory"):
+            raise ValueError(f"item {record['id']!r} was indexed from in-memory video frames, which are not stored")
+        video = record.get("video")
+        return Item(text=record.get("text"), image=record.get("image"), instruction=record.get("instruction"),
+                    video=tuple(video) if isinstance(video, list) else video)
 
     # ---------------------------------------------------------------- search
 
@@ -347,6 +351,13 @@ def make_records(items: Sequence[Item], ids: Sequence | None, metadata: Sequence
             record["image"] = None
             if item.image is not None:
                 record["image_in_memory"] = True
+        if item.video is not None:  # a file or frame directory, or the paths of listed frames
+            if isinstance(item.video, (str, os.PathLike)):
+                record["video"] = str(item.video)
+            elif all(isinstance(frame, (str, os.PathLike)) for frame in item.video):
+                record["video"] = [str(frame) for frame in item.video]
+            else:
+                record["video_in_memory"] = True
         extra = dict(metadata[position]) if metadata is not None else {}
         clash = _RESERVED_FIELDS & set(extra)
         if clash:

@@ -85,7 +85,8 @@ class _Service:
         self.model, self.index, self.settings, self.batcher = model, index, settings, batcher
         self.policy = ImagePolicy(files_root=settings.files_root, max_pixels=settings.max_image_pixels,
                                   max_file_bytes=settings.max_file_bytes, model_min_pixels=model.config.min_pixels,
-                                  model_max_pixels=model.config.max_pixels)
+                                  model_max_pixels=model.config.max_pixels,
+                                  model_image_factor=model.adapter.image_factor)
         self.thumbnails = Thumbnails(index) if index is not None else None
         self.positions = {item_id: position for position, item_id in enumerate(index.ids)} if index else {}
         self.search_lock = threading.Lock()  # FAISS search parameters are set per call

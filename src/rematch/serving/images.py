@@ -22,15 +22,17 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from rematch.data.images import ImageLoadError, load_image_for_model, open_image
+from rematch.data.images import PATCH_FACTOR, ImageLoadError, load_image_for_model, open_image
 from rematch.serving.errors import BadValue
 
 REMOTE_SCHEMES = ("http://", "https://", "ftp://", "file://")
 
 
 def decode_request_image(value: str, param: str, *, files_root: Path | None, max_pixels: int,
-                         max_file_bytes: int, model_min_pixels: int, model_max_pixels: int) -> Image.Image:
-    """A request's ``image`` string (data: URL or allowed local path) -> the RGB image the model sees."""
+                         max_file_bytes: int, model_min_pixels: int, model_max_pixels: int,
+                         model_image_factor: int = PATCH_FACTOR) -> Image.Image:
+    """A request's ``image`` string (data: URL or allowed local path) -> the RGB image the model sees
+    (sides multiples of ``model_image_factor``, the backbone's: 28 for Qwen2-VL, 32 for Qwen3-VL)."""
     if value.startswith("data:"):
         data = decode_data_url(value, param)
     elif value.lower().startswith(REMOTE_SCHEMES):
@@ -39,7 +41,8 @@ def decode_request_image(value: str, param: str, *, files_root: Path | None, max
         data = read_allowed_file(value, param, files_root, max_file_bytes)
     image = decode_bounded(data, param, max_pixels, draft_pixels=model_max_pixels)
     try:
-        return load_image_for_model(open_image(image, param), model_min_pixels, model_max_pixels, where=param)
+        return load_image_for_model(open_image(image, param), model_min_pixels, model_max_pixels, where=param,
+                                    factor=model_image_factor)
     except ImageLoadError as error:
         raise BadValue(param, str(error).removeprefix(f"{param}: ")) from None
 

@@ -28,6 +28,7 @@ class ImagePolicy:
     max_file_bytes: int
     model_min_pixels: int
     model_max_pixels: int
+    model_image_factor: int = 28  # image sides are multiples of this (the adapter's image_factor)
 
 
 def parse_item(value: Any, param: str, policy: ImagePolicy) -> Item:
@@ -57,7 +58,8 @@ def parse_item(value: Any, param: str, policy: ImagePolicy) -> Item:
         decoded = decode_request_image(image, f"{param}.image", files_root=policy.files_root,
                                        max_pixels=policy.max_pixels, max_file_bytes=policy.max_file_bytes,
                                        model_min_pixels=policy.model_min_pixels,
-                                       model_max_pixels=policy.model_max_pixels)
+                                       model_max_pixels=policy.model_max_pixels,
+                                       model_image_factor=policy.model_image_factor)
     try:
         return as_item(Item(text=text, image=decoded, instruction=instruction), 0, where=param)
     except ItemError as error:

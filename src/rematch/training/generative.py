@@ -14,7 +14,8 @@ slice at the end, and appending a decoded token appends one column.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -22,7 +23,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from rematch.backbones.qwen_vl import mrope_positions
-from rematch.data.images import load_image_for_model
 from rematch.data.items import Item
 
 END_OF_TURN = "<|im_end|>"
@@ -58,8 +58,7 @@ class GenerativeCollator:
         adapter, config = self.adapter, self.adapter.config
         texts, images, answer_lengths = [], [], []
         for index, example in enumerate(examples):
-            image = load_image_for_model(example.image(self.image_size), config.min_pixels, config.max_pixels,
-                                         where=f"example {index}")
+            image = adapter.load_image(example.image(self.image_size), f"example {index}")
             item = Item(text=example.prompt, image=image)
             adapter.check_user_text(item, f"example {index}")
             images.append(image)
@@ -94,8 +93,8 @@ class GenerativeCollator:
 
 def final_states(backbone: nn.Module, adapter, batch: GenerativeBatch) -> torch.Tensor:
     """The language model's final (normed) hidden states (B, L, H)."""
-    embeds = adapter.input_embeddings(backbone, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
-    return adapter.language_model(backbone, embeds, batch.attention_mask, batch.position_ids)
+    embeds, deepstack = adapter.embed_inputs(backbone, batch.input_ids, batch.pixel_values, batch.image_grid_thw)
+    return adapter.language_model(backbone, embeds, batch.attention_mask, batch.position_ids, deepstack=deepstack)
 
 
 def answer_loss(backbone: nn.Module, adapter, batch: GenerativeBatch) -> dict[str, torch.Tensor]:
@@ -158,3 +157,64 @@ def greedy_answers(backbone: nn.Module, adapter, batch: GenerativeBatch, max_new
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = torch.cat([positions, positions[:, :, -1:] + 1], dim=2)
     return [adapter.tokenizer.decode(tokens) for tokens in generated]
+
+
+@dataclass
+class ExampleScores:
+    """Right/wrong per example, keyed by question type, ``verify/true``, ``verify/foil`` and
+    ``foil/<kind>``, with a few decoded answers per question type to read."""
+
+    correct: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+    samples: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+
+    def accuracy(self, key: str) -> float | None:
+        values = self.correct.get(key, [])
+        return round(sum(values) / len(values), 4) if values else None
+
+    def balanced_verification(self) -> float | None:
+        """(true captions + foils) / 2: 0.5 for a model that always says "Yes" (or "No")."""
+        true, foils = self.accuracy("verify/true"), self.accuracy("verify/foil")
+        return None if true is None or foils is None else round((true + foils) / 2, 4)
+
+
+def score_examples(backbone: nn.Module, adapter, examples: Sequence, image_size: int, batch_size: int = 64,
+                   samples_per_task: int = 0) -> ExampleScores:
+    """Score corpus examples (:class:`rematch.world.pretrain_corpus.Example`) the way the
+    generative evaluation reports them: questions by greedy decoding and exact match after
+    normalisation, verification by the "Yes"/"No" LM-head rows at the first answer position.
+
+    Pre-training's held-out log and ``rematch eval generative`` both call this, so the
+    accuracy a run logs is the accuracy the evaluation reports.
+    """
+    from rematch.world.pretrain_corpus import normalise_answer
+
+    collate = GenerativeCollator(adapter, image_size)
+    yes_id, no_id = adapter.token_id("Yes"), adapter.token_id("No")
+    scores = ExampleScores()
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        questions = [e for e in examples if e.task != "verify"]
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            batch = collate(chunk, with_answers=False).to(backbone.device)
+            for example, answer in zip(chunk, greedy_answers(backbone, adapter, batch)):
+                scores.correct[example.task].append(normalise_answer(answer) == normalise_answer(example.answer))
+                if len(scores.samples[example.task]) < samples_per_task:
+                    scores.samples[example.task].append({"prompt": example.prompt, "answer": example.answer,
+                                                         "generated": answer})
+        verifications = [e for e in examples if e.task == "verify"]
+        for start in range(0, len(verifications), batch_size):
+            chunk = verifications[start:start + batch_size]
+            logits = yes_no_logits(backbone, adapter, collate(chunk, with_answers=False).to(backbone.device),
+                                   yes_id, no_id)
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("non-finite Yes/No logits: the model's weights are damaged")
+            for example, says_yes in zip(chunk, (logits[:, 0] > logits[:, 1]).tolist()):
+                right = says_yes == (example.answer == "Yes")
+                scores.correct["verify/true" if example.kind == "true" else "verify/foil"].append(right)
+                if example.kind != "true":
+                    scores.correct[f"foil/{example.kind}"].append(right)
+    finally:
+        backbone.train(was_training)
+    return scores

@@ -12,15 +12,16 @@ LOSS_TERMS = ("loss", "contrastive", "orthogonality", "matching")
 
 
 class StepLog:
-    """Appends one row per step to ``losses.jsonl`` and ``losses.csv`` in ``out``.
+    """Appends one row per step to ``<name>.jsonl`` and ``<name>.csv`` in ``out`` (``losses``
+    by default; pre-training also keeps ``heldout`` for its accuracy during the run).
 
     On resume, rows after the resumed step are dropped first, so the curve continues
     without duplicates.
     """
 
-    def __init__(self, out: Path, resume_step: int = 0, tensorboard: bool = True):
-        self.jsonl = out / "losses.jsonl"
-        self.csv = out / "losses.csv"
+    def __init__(self, out: Path, resume_step: int = 0, tensorboard: bool = True, name: str = "losses"):
+        self.jsonl = out / f"{name}.jsonl"
+        self.csv = out / f"{name}.csv"
         out.mkdir(parents=True, exist_ok=True)
         rows = [row for row in read_log(self.jsonl) if row["step"] <= resume_step] if resume_step else []
         self.rows: list[dict[str, Any]] = rows

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rematch.config import ConfigError, ModelConfig, check_optimisation, check_seed, dump_yaml
+from rematch.training.curriculum import Curriculum, CurriculumPhase
 from rematch.training.generative import GenerativeBatch, GenerativeCollator, answer_loss
 from rematch.world.pretrain_corpus import GENERATOR_VERSION, TASKS, CorpusError, CorpusSpec, make_example
 
@@ -52,7 +53,7 @@ class PretrainModelConfig:
     """tiny (~1M parameters), small (~6M) or base (~20M); see rematch.backbones.tiny."""
     seed: int = 0
     image_size: int = 112
-    """Side of the rendered scenes in pixels (a multiple of 28): at 56 px a small shape covers
+    """Side of the rendered scenes in pixels (a multiple of the family's merged patch, 28 or 32): at 56 px a small shape covers
     about 5% of one merged visual token and colour stays at chance (issue 12)."""
     system_prompt: str = ModelConfig.system_prompt
     attn_implementation: str = "sdpa"
@@ -66,10 +67,10 @@ class PretrainDataConfig:
     task_weights: dict[str, float] = field(default_factory=lambda: {task: 1.0 for task in TASKS})
     object_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 2.0])
     """Relative frequency of scenes with 1, 2 and 3 objects."""
-    single_object_steps: int = 0
-    """Curriculum: for this many first steps every scene has one object (then ``object_weights``)."""
-    large_only_steps: int = 0
-    """Curriculum: for this many first steps every object is large, then sizes are mixed."""
+    phases: list[CurriculumPhase] = field(default_factory=list)
+    """The curriculum (:mod:`rematch.training.curriculum`): phases with their own task mix,
+    scene difficulty and learning rate, adding up to ``train.steps``. Empty: one phase with
+    ``task_weights`` and the train section's scheduler."""
     num_workers: int = 0
     """Threads preparing batches ahead of the step (rendering, tokenisation)."""
 
@@ -89,6 +90,11 @@ class PretrainTrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     log_every: int = 1
+    eval_every: int = 0
+    """Held-out accuracy (``rematch eval generative`` on ``eval_examples`` per type) every this many
+    steps and at the end, into ``heldout.jsonl``: on a plateau the loss is flat while accuracy
+    sits at chance, which the loss alone cannot tell from slow learning. 0: off."""
+    eval_examples: int = 40
     save_every: int = 0
     keep_last: int = 2
     resume: bool = False
@@ -106,29 +112,42 @@ class PretrainConfig:
     train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
 
     def validate(self) -> None:
-        from rematch.backbones.tiny import FAMILIES, SHAPES
+        from rematch.backbones.tiny import FAMILIES, MERGED_PATCH_SIDE, SHAPES
 
         model, data, train = self.model, self.data, self.train
         if model.tiny_family not in FAMILIES:
             raise ConfigError(f"model.tiny_family must be one of {', '.join(FAMILIES)}, got {model.tiny_family!r}")
         if model.tiny_size not in SHAPES:
             raise ConfigError(f"model.tiny_size must be one of {', '.join(SHAPES)}, got {model.tiny_size!r}")
-        if model.image_size < 28 or model.image_size % 28:
-            raise ConfigError(f"model.image_size must be a multiple of 28 (Qwen-VL's merged patch), got "
-                              f"{model.image_size}")
+        side = MERGED_PATCH_SIDE[model.tiny_family]
+        if model.image_size < side or model.image_size % side:
+            raise ConfigError(f"model.image_size must be a multiple of {side} ({model.tiny_family}'s merged patch), "
+                              f"got {model.image_size}")
         check_seed("model.seed", model.seed, 2**63 - 1)
         check_seed("data.seed", data.seed, 2**63 - 1)
         try:
             self.corpus_spec().validate()
         except CorpusError as error:
             raise ConfigError(f"data: {error}") from None
-        if min(data.single_object_steps, data.large_only_steps, data.num_workers) < 0:
-            raise ConfigError("data.single_object_steps, data.large_only_steps and data.num_workers must be >= 0")
+        if data.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {data.num_workers}")
         check_optimisation(train)
+        if train.eval_every < 0 or train.eval_examples < 1:
+            raise ConfigError(f"train.eval_every (0 = off) must be >= 0 and train.eval_examples >= 1, got "
+                              f"{train.eval_every} and {train.eval_examples}")
+        if data.phases and train.scheduler != "constant":
+            raise ConfigError(f"with data.phases each phase sets its learning rate (lr, lr_end); set "
+                              f"train.scheduler: constant (got {train.scheduler!r}) so no second schedule is "
+                              "applied on top")
+        self.curriculum()
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(split="pretrain", seed=self.data.seed, task_weights=dict(self.data.task_weights),
                           object_weights=tuple(self.data.object_weights))
+
+    def curriculum(self) -> Curriculum:
+        return Curriculum.from_config(self.corpus_spec(), self.data.phases, self.train.steps, self.train.lr,
+                                      self.train.warmup_ratio)
 
     def model_config(self) -> ModelConfig:
         """The adapter settings: images enter at exactly ``image_size`` pixels a side."""
@@ -151,25 +170,23 @@ def load_pretrain_config(path: str | Path | None, overrides=()) -> PretrainConfi
 class CorpusStream:
     """Corpus examples in index order, forever; the position is the next index.
 
-    Example ``i`` is a pure function of the corpus spec and ``i`` (plus the curriculum
-    phase, itself a function of ``i``), so resuming needs only the index: nothing is
-    replayed or skipped.
+    Example ``i`` is a pure function of the curriculum and ``i`` (its phase is the phase
+    of step ``i // global_batch``), so resuming needs only the index: nothing is replayed
+    or skipped.
     """
 
-    def __init__(self, spec: CorpusSpec, global_batch: int, large_only_steps: int = 0, single_object_steps: int = 0):
-        self.spec = spec
+    def __init__(self, curriculum: Curriculum, global_batch: int):
+        self.curriculum = curriculum
         self.global_batch = global_batch
-        self.large_only_steps = large_only_steps
-        self.single_object_steps = single_object_steps
         self.next_index = 0
 
     def __iter__(self) -> Iterator:
         while True:
             index = self.next_index
             self.next_index += 1
-            step = index // self.global_batch
-            yield make_example(self.spec, index, large_only=step < self.large_only_steps,
-                               single_object=step < self.single_object_steps)
+            phase = self.curriculum.phase_at(index // self.global_batch)
+            yield make_example(phase.spec, index, large_only=phase.large_only, single_object=phase.single_object,
+                               object_scale=phase.object_scale)
 
     def state_dict(self) -> dict[str, Any]:
         return {"next_index": self.next_index, "generator_version": GENERATOR_VERSION}
@@ -200,13 +217,12 @@ class AnswerLossModule(nn.Module):
 
 def build_backbone(config: PretrainConfig):
     """The randomly initialised backbone and its adapter, exactly as ``config.model`` says."""
-    from rematch.backbones import build_tiny_backbone
-    from rematch.backbones.qwen_vl import QwenVLAdapter
+    from rematch.backbones import adapter_for, build_tiny_backbone
 
     model_config = config.model_config()
     backbone, processor = build_tiny_backbone(config.model.tiny_family, config.model.tiny_size, config.model.seed)
     backbone.set_attn_implementation(config.model.attn_implementation)
-    return backbone, QwenVLAdapter(processor, model_config)
+    return backbone, adapter_for(backbone.config.model_type)(processor, model_config)
 
 
 # ---------------------------------------------------------------------- the run
@@ -260,14 +276,18 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": train.lr,
           "weight_decay": train.weight_decay}])
-    scheduler = get_scheduler(train.scheduler, optimizer, num_warmup_steps=int(train.warmup_ratio * train.steps),
-                              num_training_steps=train.steps)
+    curriculum = config.curriculum()
+    if curriculum.schedules_lr:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, curriculum.lr_scale(train.lr))
+    else:
+        scheduler = get_scheduler(train.scheduler, optimizer,
+                                  num_warmup_steps=int(train.warmup_ratio * train.steps),
+                                  num_training_steps=train.steps)
     module, optimizer = accelerator.prepare(module, optimizer)
     unwrapped: AnswerLossModule = accelerator.unwrap_model(module)
 
     global_batch = train.batch_size * accelerator.num_processes
-    source = CorpusStream(config.corpus_spec(), global_batch, config.data.large_only_steps,
-                          config.data.single_object_steps)
+    source = CorpusStream(curriculum, global_batch)
     start_step, checkpoints = 0, out / "checkpoints"
     if train.resume:
         found = latest_checkpoint(checkpoints, log=log)
@@ -284,6 +304,7 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     stream = BatchStream(source, collator, train.batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, workers=max(1, config.data.num_workers))
     step_log = StepLog(out, resume_step=start_step) if is_main else None
+    heldout = HeldoutLog(out, start_step, adapter, config) if is_main and train.eval_every else None
     trainable = [p for p in module.parameters() if p.requires_grad]
     progress = tqdm(total=train.steps, initial=start_step, disable=not (show_progress and is_main),
                     desc="pretrain", unit="step")
@@ -316,6 +337,8 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
                 if grad_norm is not None:
                     row["grad_norm"] = round(grad_norm, 6)
                 step_log.append(row)
+            if heldout is not None and (done % train.eval_every == 0 or done == train.steps):
+                quiet(heldout.measure(unwrapped.backbone, done))
             progress.set_postfix({"loss": f"{value:.3f}"})
             progress.update(1)
             if train.save_every and done % train.save_every == 0 and done < train.steps:
@@ -324,6 +347,8 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     finally:
         progress.close()
         stream.close()
+        if heldout is not None:
+            heldout.close()
     seconds = time.perf_counter() - started
     _checkpoint(accelerator, checkpoints, last_step, unwrapped.backbone, optimizer, scheduler, last_data_state,
                 config, run_id)
@@ -344,6 +369,38 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     accelerator.wait_for_everyone()
     return PretrainResult(model_dir=model_dir, steps=last_step, seconds=seconds, final_loss=last_loss,
                           loss_plot=plot)
+
+
+class HeldoutLog:
+    """Held-out accuracy during a run (``train.eval_every``), one row per measurement in
+    ``heldout.jsonl`` / ``heldout.csv``: the accuracy of each question type and of
+    verification on true captions and on foils, as ``rematch eval generative`` computes it.
+
+    The examples are the ``heldout`` split's first ``train.eval_examples`` per type, the same
+    at every measurement, so the rows are comparable along the run.
+    """
+
+    def __init__(self, out: Path, resume_step: int, adapter, config: PretrainConfig):
+        from rematch.training.logs import StepLog
+        from rematch.world.pretrain_corpus import heldout_examples
+
+        self.adapter, self.image_size = adapter, config.model.image_size
+        self.examples = heldout_examples(config.train.eval_examples)
+        self.log = StepLog(out, resume_step=resume_step, tensorboard=False, name="heldout")
+
+    def measure(self, backbone: nn.Module, step: int) -> str:
+        from rematch.training.generative import score_examples
+        from rematch.world.pretrain_corpus import QUESTION_TYPES
+
+        scores = score_examples(backbone, self.adapter, self.examples, self.image_size)
+        row = {"step": step, **{task: scores.accuracy(task) for task in QUESTION_TYPES},
+               "true_captions": scores.accuracy("verify/true"), "foils": scores.accuracy("verify/foil")}
+        self.log.append(row)
+        return f"step {step} held-out accuracy: " + ", ".join(
+            f"{key} {100 * value:.0f}%" for key, value in row.items() if key != "step" and value is not None)
+
+    def close(self) -> None:
+        self.log.close()
 
 
 def save_pretrained_backbone(backbone: nn.Module, processor, model_dir: Path, config: PretrainConfig,

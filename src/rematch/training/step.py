@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 
 from rematch.config import LossConfig
-from rematch.data.items import Item
+from rematch.data.items import Item, video_key
 from rematch.losses import OBJECTIVE, LossWeights, ReMatchLoss
 from rematch.matching import MatchSample, build_packed_batch, build_reference_batch, match_logits, training_views
 from rematch.model import EmbeddingOutput, ReMatchModel
@@ -123,11 +123,13 @@ def document_identity(item: Item) -> tuple[str, str | None]:
 
     The text up to case, runs of whitespace and punctuation at its ends ("Yes", "yes",
     " yes. " are one answer), and the same image (file path, or pixels for an in-memory
-    image). The instruction is left out: it says what to do with a document, not what the
+    image) or video. The instruction is left out: it says what to do with a document, not what the
     document is. Used so the in-batch fallback never takes a spelling variant of the
     positive as its negative.
     """
     text = _strip_end_punctuation(" ".join((item.text or "").casefold().split()))
+    if item.video is not None:  # a video, like an image, by its file or its frames
+        return text, repr(video_key(item.video))
     image = item.image
     if isinstance(image, Image.Image):
         image = f"pil:{image.mode}:{image.size}:{hashlib.sha1(image.tobytes()).hexdigest()}"
@@ -184,7 +186,7 @@ class ReMatchTrainingModule(nn.Module):
         outputs = [queries, positives] + ([negatives] if negatives is not None else [])
         token_states = torch.cat([o.token_states for o in outputs]) if model.num_tokens > 1 else None
         embedded = [batch.queries, batch.positives] + ([batch.negatives] if negatives is not None else [])
-        images_reached = any(b.pixel_values is not None for b in embedded)
+        images_reached = any(b.pixel_values is not None or b.pixel_values_videos is not None for b in embedded)
         answer_logits = answer_labels = None
         matching_reached = False
         if self.loss_config.matching:
@@ -198,7 +200,8 @@ class ReMatchTrainingModule(nn.Module):
                                              image_features=batch.image_features)
                 answer_labels = match_batch.labels.to(answer_logits.device)
                 matching_reached = True
-                images_reached = images_reached or match_batch.pixel_values is not None
+                images_reached = (images_reached or match_batch.pixel_values is not None
+                                  or match_batch.pixel_values_videos is not None)
         terms = self.criterion(queries.embedding, positives.embedding,
                                negatives.embedding if negatives is not None else None,
                                token_states, answer_logits, answer_labels)

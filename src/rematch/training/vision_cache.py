@@ -7,7 +7,9 @@ the encoding cost on real shapes (about 84% at 448 px on Qwen2.5-VL-3B), so this
 runs it once per step, on all of the step's images together, without a graph, and hands
 the result to every pass: each :class:`~rematch.backbones.base.EncoderBatch` gets its
 images' features (GradCache's chunks slice them with their rows) and the batch keeps the
-per-image table the matching sequences look their images up in.
+per-image table the matching sequences look their images up in. Videos are handled the
+same way (one more tower call for all of the step's videos); the table holds every visual
+input, image or video, in row order, since a row holds at most one.
 
 The gradient is unchanged: with every tower parameter frozen no gradient flows through
 the tower, and the tower has no dropout, so its output does not depend on which pass
@@ -21,7 +23,7 @@ import dataclasses
 
 import torch
 
-from rematch.backbones.base import EncoderBatch
+from rematch.backbones.base import IMAGE, VIDEO, EncoderBatch
 
 
 def vision_tower_frozen(model) -> bool:
@@ -41,34 +43,66 @@ def _sides(batch) -> list[tuple[str, EncoderBatch]]:
     return sides
 
 
+def _per_input_features(model, sides: list[EncoderBatch], kind: int) -> list[list[torch.Tensor]]:
+    """Per side, the tower's features of each of its images (``kind`` IMAGE) or videos (VIDEO),
+    all sides' inputs of that kind in one tower call."""
+    if kind == IMAGE:
+        pixels = [side.pixel_values for side in sides]
+        grids = [side.image_grid_thw for side in sides]
+        counts = [side.image_token_counts() for side in sides]
+        encode = model.adapter.image_features
+    else:
+        pixels = [side.pixel_values_videos for side in sides]
+        grids = [side.video_grid_thw for side in sides]
+        counts = [side.video_token_counts() for side in sides]
+        encode = model.adapter.video_features
+    present = [i for i, values in enumerate(pixels) if values is not None]
+    if not present:
+        return [[] for _ in sides]
+    device = model.device
+    features = encode(model.backbone, torch.cat([pixels[i] for i in present]).to(device),
+                      torch.cat([grids[i] for i in present]).to(device))
+    flat = [count for i in present for count in counts[i]]
+    name = "image" if kind == IMAGE else "video"
+    if sum(flat) != features.shape[0]:
+        raise ValueError(f"{sum(flat)} {name} tokens in the step's batches but {features.shape[0]} {name} features")
+    pieces = iter(torch.split(features, flat))
+    return [[next(pieces) for _ in counts[i]] if pixels[i] is not None else [] for i in range(len(sides))]
+
+
 @torch.no_grad()
 def with_image_features(model, batch):
-    """``batch`` (a TrainBatch) with its images' tower features computed once, in one tower call.
+    """``batch`` (a TrainBatch) with its images' and videos' tower features computed once (one
+    tower call for the images, one for the videos).
 
-    Returns the batch unchanged when the tower trains, when there is no image, or when the
-    features are there already; otherwise a copy (the input is not modified) whose
-    embedding batches carry ``image_features`` and whose ``image_features`` lists each
-    image's features in table order.
+    Returns the batch unchanged when the tower trains, when there is no image or video, or
+    when the features are there already; otherwise a copy (the input is not modified) whose
+    embedding batches carry ``image_features`` / ``video_features`` and whose
+    ``image_features`` lists each visual input's features in table order (row order, sides
+    in the order queries, positives, negatives).
     """
     if batch.image_features is not None or not vision_tower_frozen(model):
         return batch
     sides = _sides(batch)
-    with_images = [side for _, side in sides if side.pixel_values is not None]
-    if not with_images:
+    batches = [side for _, side in sides]
+    if all(side.pixel_values is None and side.pixel_values_videos is None for side in batches):
         return batch
-    device = model.device
-    pixel_values = torch.cat([side.pixel_values for side in with_images]).to(device)
-    grids = torch.cat([side.image_grid_thw for side in with_images]).to(device)
-    features = model.adapter.image_features(model.backbone, pixel_values, grids)
-    counts = [count for side in with_images for count in side.image_token_counts()]
-    if sum(counts) != features.shape[0]:
-        raise ValueError(f"{sum(counts)} image tokens in the step's batches but {features.shape[0]} image features")
-    per_image = list(torch.split(features, counts))
-    replaced, start = {}, 0
-    for name, side in sides:
-        if side.pixel_values is None:
-            continue
-        stop = start + len(side.image_token_counts())
-        replaced[name] = dataclasses.replace(side, image_features=torch.cat(per_image[start:stop]))
-        start = stop
-    return dataclasses.replace(batch, image_features=per_image, **replaced)
+    images = _per_input_features(model, batches, IMAGE)
+    videos = _per_input_features(model, batches, VIDEO)
+    table: list[torch.Tensor] = []
+    replaced = {}
+    for (name, side), side_images, side_videos in zip(sides, images, videos):
+        image_queue, video_queue = iter(side_images), iter(side_videos)
+        for kind in side.visual_kinds():
+            if kind == IMAGE:
+                table.append(next(image_queue))
+            elif kind == VIDEO:
+                table.append(next(video_queue))
+        changes = {}
+        if side_images:
+            changes["image_features"] = torch.cat(side_images)
+        if side_videos:
+            changes["video_features"] = torch.cat(side_videos)
+        if changes:
+            replaced[name] = dataclasses.replace(side, **changes)
+    return dataclasses.replace(batch, image_features=table, **replaced)

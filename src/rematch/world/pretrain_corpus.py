@@ -83,9 +83,11 @@ class Example:
     answer: str
     task: str
     kind: str = ""
+    object_scale: float = 1.0
+    """Objects drawn this many times their size (the curriculum's first phases; 1 elsewhere)."""
 
     def image(self, side: int) -> Image.Image:
-        return render(self.scene, side)
+        return render(self.scene, side, self.object_scale)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ def example_rng(split: str, seed: int, index: int) -> random.Random:
     return random.Random(f"rematch-world/pretrain-corpus/v{GENERATOR_VERSION}/{split}/{seed}/{index}")
 
 
-def make_example(spec: CorpusSpec, index: int, large_only: bool = False, single_object: bool = False) -> Example:
+def make_example(spec: CorpusSpec, index: int, large_only: bool = False, single_object: bool = False,
+                 object_scale: float = 1.0) -> Example:
     """Example ``index`` of the stream ``spec`` describes.
 
     The curriculum's early phases: ``single_object`` shows one object per scene (two for
@@ -126,7 +129,11 @@ def make_example(spec: CorpusSpec, index: int, large_only: bool = False, single_
     and shapes before the model must bind them to words (with several objects a random
     backbone sits on the text prior for a long time); ``large_only`` keeps every object
     large, which at small image sizes is the difference between learning and staying at
-    chance (issue 12).
+    chance (issue 12); ``object_scale`` draws the objects larger than any size of the world
+    (a large object covers about 5% of the image, one merged visual token: a random backbone
+    does not find it, while a colour that fills most of the image is learned in a few
+    hundred steps, and shrinking the objects from there keeps what was learned). The scene,
+    prompt and answer do not depend on it, only the drawing.
     """
     rng = example_rng(spec.split, spec.seed, index)
     tasks = [task for task in TASKS if spec.task_weights.get(task, 0) > 0]
@@ -140,8 +147,26 @@ def make_example(spec: CorpusSpec, index: int, large_only: bool = False, single_
         made = writer(scene, rng)
         if made is not None:
             prompt, answer, kind = made
-            return Example(scene, prompt, answer, task, kind)
+            return Example(scene, prompt, answer, task, kind, object_scale)
     raise RuntimeError(f"no {task} example found in 1000 scenes (split {spec.split}, index {index})")
+
+
+def heldout_examples(per_type: int, seed: int = 0) -> list[Example]:
+    """``per_type`` examples of every question type, ``per_type`` true captions and
+    ``per_type`` foils to verify, from the ``heldout`` stream (in stream order)."""
+    if per_type < 1:
+        raise ValueError(f"the number of held-out examples per type must be >= 1, got {per_type}")
+    wanted = {**{task: per_type for task in QUESTION_TYPES}, "verify/true": per_type, "verify/foil": per_type}
+    spec = CorpusSpec(split="heldout", seed=seed, task_weights={task: 1.0 for task in (*QUESTION_TYPES, "verify")})
+    chosen, index = [], 0
+    while any(wanted.values()):
+        example = make_example(spec, index)
+        index += 1
+        key = example.task if example.task != "verify" else f"verify/{'true' if example.kind == 'true' else 'foil'}"
+        if wanted.get(key, 0) > 0:
+            wanted[key] -= 1
+            chosen.append(example)
+    return chosen
 
 
 def _scene(rng: random.Random, spec: CorpusSpec, half: str, large_only: bool, count: int | None = None) -> Scene:
