@@ -21,6 +21,7 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+import video_support
 from rematch import Item, ReMatchModel
 from rematch.backbones.base import DeepStack
 from rematch.config import LossConfig
@@ -46,28 +47,11 @@ INSTRUCTION = "Does the document match the query? Answer only Yes or No."
 
 
 def moving_square(count: int, colour=(220, 40, 40), seed: int = 0) -> list[Image.Image]:
-    """``count`` frames of a square sliding right over a noisy background (every frame differs)."""
-    rng = np.random.default_rng(seed)
-    frames = []
-    for index in range(count):
-        pixels = rng.integers(0, 60, (SIDE, SIDE, 3), dtype=np.uint8)
-        left = 4 + index * 6 % (SIDE - 20)
-        pixels[20:36, left:left + 16] = colour
-        frames.append(Image.fromarray(pixels))
-    return frames
+    return video_support.moving_square(count, colour, seed, side=SIDE, step=6, top=20)
 
 
 def write_mp4(path, frames: list[Image.Image], fps: int = FPS) -> str:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
+    return video_support.write_mp4(path, frames, fps)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import video_support
 from rematch import Item, ItemError, ReMatchModel
 from rematch.backbones.processor import video_patches
 from rematch.config import LossConfig
@@ -32,28 +33,11 @@ FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 
 
 def moving_square(count: int, colour=(220, 40, 40), seed: int = 0) -> list[Image.Image]:
-    """``count`` frames of a square sliding right over a noisy background (every frame differs)."""
-    rng = np.random.default_rng(seed)
-    frames = []
-    for index in range(count):
-        pixels = rng.integers(0, 60, (SIDE, SIDE, 3), dtype=np.uint8)
-        left = 4 + index * 4 % (SIDE - 20)
-        pixels[18:34, left:left + 16] = colour
-        frames.append(Image.fromarray(pixels))
-    return frames
+    return video_support.moving_square(count, colour, seed, side=SIDE, step=4, top=18)
 
 
 def write_mp4(path, frames: list[Image.Image], fps: int = FPS) -> str:
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
+    return video_support.write_mp4(path, frames, fps)
 
 
 def decoded_frames(path) -> list[Image.Image]:

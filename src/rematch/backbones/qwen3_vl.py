@@ -101,17 +101,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
         DeepStack features of both, interleaved in token order (one visual mask)."""
         embeds = self.text_embeddings(backbone, input_ids)
         hidden = embeds.shape[-1]
-        visuals = (("image", self.image_token_id, image_features, pixel_values, image_grid_thw, self.image_features),
-                   ("video", self.video_token_id, video_features, pixel_values_videos, video_grid_thw,
-                    self.video_features))
         placed = []  # (token mask, DeepStack layers) per kind present
-        for name, token_id, features, pixels, grids, encode in visuals:
-            if features is not None:
-                features = features.to(embeds.device)
-            elif pixels is None:
-                continue
-            else:
-                features = encode(backbone, pixels, grids)
+        for name, token_id, features in self.visual_features(backbone, embeds.device, image_features, pixel_values,
+                                                             image_grid_thw, video_features, pixel_values_videos,
+                                                             video_grid_thw):
             if features.shape[-1] % hidden:
                 raise ValueError(f"{name} features of width {features.shape[-1]} are not whole multiples of the "
                                  f"hidden size {hidden} (final + DeepStack layers side by side)")

@@ -409,21 +409,32 @@ class QwenVLAdapter(BackboneAdapter):
                          video_grid_thw: torch.Tensor | None = None,
                          video_features: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.text_embeddings(backbone, input_ids)
-        visuals = (("image", self.image_token_id, image_features, pixel_values, image_grid_thw, self.image_features),
-                   ("video", self.video_token_id, video_features, pixel_values_videos, video_grid_thw,
-                    self.video_features))
-        for name, token_id, features, pixels, grids, encode in visuals:
-            if features is not None:
-                features = features.to(embeds.device)
-            elif pixels is None:
-                continue
-            else:
-                features = encode(backbone, pixels, grids)
+        for name, token_id, features in self.visual_features(backbone, embeds.device, image_features, pixel_values,
+                                                             image_grid_thw, video_features, pixel_values_videos,
+                                                             video_grid_thw):
             mask = input_ids == token_id
             if int(mask.sum()) != features.shape[0]:
                 raise ValueError(f"{int(mask.sum())} {name} tokens but {features.shape[0]} {name} features")
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
         return embeds
+
+    def visual_features(self, backbone: nn.Module, device: torch.device, image_features: torch.Tensor | None,
+                        pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None,
+                        video_features: torch.Tensor | None, pixel_values_videos: torch.Tensor | None,
+                        video_grid_thw: torch.Tensor | None) -> list[tuple[str, int, torch.Tensor]]:
+        """``(kind, placeholder token id, features)`` for the images and the videos of a batch, in
+        that order, each kind only when present: features computed ahead (the frozen-tower cache)
+        are used as they are, otherwise the tower runs on the pixels."""
+        present = []
+        for name, token_id, features, pixels, grids, encode in (
+                ("image", self.image_token_id, image_features, pixel_values, image_grid_thw, self.image_features),
+                ("video", self.video_token_id, video_features, pixel_values_videos, video_grid_thw,
+                 self.video_features)):
+            if features is not None:
+                present.append((name, token_id, features.to(device)))
+            elif pixels is not None:
+                present.append((name, token_id, encode(backbone, pixels, grids)))
+        return present
 
     def deepstack_inputs(self, deepstack: DeepStack | None) -> dict:
         """Keyword arguments that hand ``deepstack`` to the text model (a family hook: Qwen2-VL has none)."""
