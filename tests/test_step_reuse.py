@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from step_support import assert_same, run_step
 
 from rematch import ReMatchModel
 from rematch.config import LossConfig
@@ -16,7 +17,6 @@ from rematch.data.collate import TrainCollator
 from rematch.data.mmeb import open_train_source
 from rematch.data.shapes_tasks import write_shapes_dataset
 from rematch.matching import raw_views, training_views
-from rematch.training.gradcache import GradCache
 from rematch.training.step import ReMatchTrainingModule
 from rematch.training.vision_cache import vision_tower_frozen, with_image_features
 
@@ -54,29 +54,6 @@ class TowerCalls:
 
     def __exit__(self, *_):
         self.handle.remove()
-
-
-def run_step(module, batch, grad_cache_chunk: int | None):
-    module.zero_grad(set_to_none=True)
-    if grad_cache_chunk:
-        terms = GradCache(module, grad_cache_chunk).step(batch, step=2)
-    else:
-        terms = module(batch, step=2)
-        terms["loss"].backward()
-        terms = {name: value.detach() for name, value in terms.items()}
-    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
-    module.zero_grad(set_to_none=True)
-    return terms, grads
-
-
-def assert_same(terms_a, grads_a, terms_b, grads_b):
-    for name, value in terms_a.items():
-        if name in terms_b:
-            assert float(terms_b[name]) == pytest.approx(float(value), rel=1e-4, abs=1e-7), name
-    assert set(grads_a) == set(grads_b) and grads_a
-    worst = max(float((grads_a[n] - grads_b[n]).abs().max() / grads_a[n].abs().max().clamp_min(1e-12))
-                for n in grads_a)
-    assert worst <= 1e-4
 
 
 @pytest.mark.parametrize("grad_cache_chunk", [None, 3])
