@@ -65,6 +65,12 @@ def test_no_phases_is_one_phase_with_the_sections_own_schedule():
     ([CurriculumPhase(steps=0, task_weights={"colour": 1.0})], r"data.phases\[0\].steps must be >= 1"),
     ([CurriculumPhase(steps=10, task_weights={"colour": 1.0}, lr_end=float("nan"))],
      r"data.phases\[0\].lr_end must be a finite number"),
+    ([CurriculumPhase(steps=10, task_weights={"colour": 1.0}, objective="captions")],
+     r"data.phases\[0\].objective must be one of answers, attributes"),
+    ([CurriculumPhase(steps=10, task_weights={"colour": 1.0}, objective="attributes")],
+     r"data.phases\[0\]: an attributes phase .* remove its task_weights"),
+    ([CurriculumPhase(steps=10, objective="attributes", freeze_tower=True)],
+     r"data.phases\[0\]: an attributes phase trains only the vision tower"),
 ])
 def test_bad_phases_are_named(phases, message):
     with pytest.raises(ConfigError, match=message):
@@ -102,3 +108,20 @@ def test_a_scaled_phase_draws_the_same_scene_larger():
     with pytest.raises(ConfigError, match=r"data.phases\[0\].object_scale must be within"):
         Curriculum.from_config(BASE, [CurriculumPhase(steps=4, task_weights={"colour": 1.0}, object_scale=0)],
                                total_steps=4, lr=1e-3)
+
+
+def test_an_attributes_phase_draws_scenes_and_a_frozen_phase_gives_the_tower_no_lr():
+    phases = [CurriculumPhase(steps=2, objective="attributes", single_object=True, lr=2e-3),
+              CurriculumPhase(steps=2, task_weights={"colour": 1.0}, freeze_tower=True, lr=1e-3),
+              CurriculumPhase(steps=2, task_weights={"colour": 1.0}, lr=5e-4)]
+    curriculum = Curriculum.from_config(BASE, phases, total_steps=6, lr=1e-3)
+    assert curriculum.uses_attributes
+    assert not Curriculum.from_config(BASE, PHASES, total_steps=10, lr=1e-3).uses_attributes
+    examples = [example for example, _ in zip(CorpusStream(curriculum, global_batch=2), range(12))]
+    scenes, questions = examples[:4], examples[4:]
+    assert {e.task for e in scenes} == {"attributes"} and all(len(e.scene.objects) == 1 for e in scenes)
+    assert all(e.prompt == "" and e.answer == "" for e in scenes)
+    assert {e.task for e in questions} == {"colour"}
+    tower, rest = curriculum.tower_lr_scale(1e-3), curriculum.lr_scale(1e-3)
+    assert [tower(step) for step in range(6)] == pytest.approx([2, 2, 0, 0, 0.5, 0.5])
+    assert [rest(step) for step in range(6)] == pytest.approx([2, 2, 1, 1, 0.5, 0.5])

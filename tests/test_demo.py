@@ -73,6 +73,7 @@ def test_rows_share_budget_and_seed_and_differ_only_in_their_ingredients(demo):
         assert "steps: 2" in text and "batch_size: 4" in text and "seed: 0" in text
     assert "num_tokens: 0" in configs["baseline"] and "num_tokens: 16" in configs["full"]
     assert "hard_negatives: false" in configs["baseline"] and "hard_negatives: true" in configs["hard_negative"]
+    assert all("freeze_vision: false" in text for text in configs.values())  # a random tower must learn to see
 
 
 def test_cli_demo_prints_the_table(tmp_path, capsys):
@@ -91,6 +92,8 @@ def test_demo_on_the_pretrained_start_with_a_from_scratch_row(tmp_path, capsys, 
     assert "full ReMatch (+ orthogonality)" in printed and "random start (no pre-training)" in printed
     configs = {row: (tmp_path / "runs" / row / "seed0" / "config.yaml").read_text() for row in ("full", "from_scratch")}
     assert "backbone: tiny-pretrained" in configs["full"] and "backbone: tiny\n" in configs["from_scratch"]
+    # the pretrained tower stays as it is (the paper: LoRA on the language model); a random one learns to see
+    assert "freeze_vision: true" in configs["full"] and "freeze_vision: false" in configs["from_scratch"]
     for text in configs.values():
         assert "max_pixels: 12544" in text and "steps: 1" in text  # 112 px, same budget
     assert "pretrained generatively" in (tmp_path / "report.md").read_text()

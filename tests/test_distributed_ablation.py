@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from port_support import free_port
 from rematch.config import apply_overrides
 from rematch.data.shapes_tasks import write_shapes_dataset
 from rematch.demo.pipeline import row_config
@@ -33,12 +33,6 @@ WORLD = 2
 STEPS = 3
 MODES = {"plain": 0, "gradcache": 1}  # train.grad_cache_chunk: 1 cuts each rank's 2 rows into 2 chunks
 ROWS_BY_NAME = {row.name: row for row in ROWS}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(data_root: str, out: Path, row_name: str, batch_size: int, chunk: int):
@@ -83,7 +77,7 @@ def _reference_worker(index: int, data_root: str, out_root: str) -> None:
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ablation")
     data_root = str(write_shapes_dataset(root / "shapes", train_rows=40, eval_queries=0, seed=0, image_size=56))
-    mp.spawn(_two_process_worker, args=(_free_port(), data_root, str(root)), nprocs=WORLD, join=True)
+    mp.spawn(_two_process_worker, args=(free_port(), data_root, str(root)), nprocs=WORLD, join=True)
     mp.spawn(_reference_worker, args=(data_root, str(root)), nprocs=2, join=True)
     return root
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from port_support import free_port
 from rematch import ReMatchModel
 from rematch.cli import main
 from rematch.data.items import as_items
@@ -21,12 +21,6 @@ from rematch.retrieval import Index
 from rematch.retrieval.sharded import encode_to_npy
 
 SHARD_SIZE = "3"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_two_ranks(argv: list[str], cwd: Path) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
+from port_support import free_port
 from rematch import ReMatchModel
 from rematch.config import LossConfig, load_config
 from rematch.data.collate import TrainCollator
@@ -29,12 +29,6 @@ from rematch.training.loop import train
 from rematch.training.step import ReMatchTrainingModule
 
 B = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _module(family: str = "qwen2_vl") -> ReMatchTrainingModule:
@@ -94,7 +88,7 @@ def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path, shap
     objective(terms).backward()
     expected = _grads(single)
 
-    mp.spawn(_worker, args=(2, _free_port(), shapes_root, str(tmp_path), use_gradcache, family), nprocs=2,
+    mp.spawn(_worker, args=(2, free_port(), shapes_root, str(tmp_path), use_gradcache, family), nprocs=2,
              join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in ranks:
@@ -116,7 +110,7 @@ def test_torchrun_two_processes_train_the_same_weights_as_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = tmp_path / "two"
     completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                "--master_port", str(_free_port()), "-m", "rematch.cli", "train",
+                                "--master_port", str(free_port()), "-m", "rematch.cli", "train",
                                 "--config", "configs/demo-tiny.yaml", "--out", str(two),
                                 "--train.batch_size", str(B), *overrides], env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -188,7 +182,7 @@ def test_ranks_with_uneven_rows_negatives_images_and_matching_equal_one_process(
     expected = _grads(single)
     assert {"contrastive", "orthogonality", "matching"} <= set(terms)
 
-    mp.spawn(_uneven_worker, args=(2, _free_port(), shapes_root, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_uneven_worker, args=(2, free_port(), shapes_root, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in ranks:
         for mode in ("ddp", "gradcache"):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from port_support import free_port
 from rematch import ReMatchModel
 from rematch.evaluation import evaluate_mmeb, evaluate_retrieval
 
@@ -62,12 +62,6 @@ FIXTURE = textwrap.dedent('''
         qrels = {f"q{n}": {f"d{n}": 1.0, f"d{n + 5}": 2.0} for n in range(5)}
         return [f"q{n}" for n in range(5)], queries, [f"d{n}" for n in range(11)], documents, qrels
 ''')
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):

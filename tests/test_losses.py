@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from datetime import timedelta
 
 import pytest
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
+from port_support import free_port
 from rematch.losses import OBJECTIVE, LossWeights, ReMatchLoss, info_nce, matching_loss, objective, orthogonality
 
 
@@ -71,12 +71,6 @@ def test_total_is_the_weighted_sum_and_zero_weights_switch_terms_off():
 
 
 # ------------------------------------------------------------------ distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _encoder_weight(dim: int = 6) -> torch.Tensor:
@@ -152,7 +146,7 @@ def _uneven_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_processes_equal_one_process_with_the_global_batch_even_or_uneven_ranks(tmp_path):
-    mp.spawn(_uneven_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_uneven_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for case in UNEVEN:
         terms, grad = _uneven_loss_and_grad(case, None)

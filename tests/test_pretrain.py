@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from port_support import free_port
 from rematch.config import ConfigError
 from rematch.training.checkpoint import TRAINABLE, list_checkpoints
 from rematch.training.loop import NonFiniteLossError
@@ -29,9 +30,12 @@ STEPS = 4
 MINIMAL = {"model.image_size": "56", "train.batch_size": "2", "train.steps": str(STEPS), "train.save_every": "2",
            "train.keep_last": "5", "train.warmup_ratio": "0.25", "train.scheduler": "constant",
            "train.eval_every": "2", "train.eval_examples": "2", "data.num_workers": "0",
-           # two phases, so a resume at step 2 continues in the second one
-           "data.phases": "[{steps: 2, lr: 0.002, single_object: true, large_only: true, task_weights: {colour: 1}},"
-                          " {steps: 2, lr: 0.001, lr_end: 0.0001, task_weights: {shape: 1, verify: 1}}]"}
+           # every kind of phase: answers, the tower's attributes (a resume at step 2 continues in the
+           # middle of it, heads and all), then answers with the tower frozen
+           "data.phases": "[{steps: 1, lr: 0.002, single_object: true, large_only: true, task_weights: {colour: 1}},"
+                          " {steps: 2, lr: 0.002, objective: attributes},"
+                          " {steps: 1, lr: 0.001, lr_end: 0.0001, freeze_tower: true,"
+                          " task_weights: {shape: 1, verify: 1}}]"}
 THREADS = "2"
 
 
@@ -90,6 +94,29 @@ def test_a_used_run_directory_is_refused_in_one_line(tmp_path, capsys):
     assert len(error.splitlines()) == 1
 
 
+def test_each_phase_trains_only_what_it_says(tmp_path):
+    """Answers train everything; attributes train the tower (and the heads) alone; a frozen
+    tower stays bit-identical while the language model moves."""
+    overrides = [f"{key}={value}" for key, value in MINIMAL.items()]
+    config = load_pretrain_config(CONFIG, overrides + [f"train.out={tmp_path}", "train.save_every=1"])
+    pretrain(config, show_progress=False, log=lambda *_: None)
+    weights = [load_file(str(path / TRAINABLE)) for path in list_checkpoints(tmp_path / "checkpoints")]
+    assert len(weights) == 4 and weights[0].keys() == weights[3].keys()
+    tower = [name for name in weights[0] if ".visual." in name]
+    heads = [name for name in weights[0] if name.startswith("heads.")]
+    language = [name for name in weights[0] if name not in tower and name not in heads]
+    assert tower and heads and language
+
+    def moved(names, before, after) -> bool:
+        return any(not torch.equal(weights[before][name], weights[after][name]) for name in names)
+
+    def still(names, before, after) -> bool:
+        return all(torch.equal(weights[before][name], weights[after][name]) for name in names)
+
+    assert moved(tower, 0, 1) and moved(heads, 0, 1) and still(language, 0, 1)  # step 2: attributes
+    assert still(tower, 2, 3) and moved(language, 2, 3) and still(heads, 2, 3)  # step 4: frozen tower
+
+
 def test_a_diverging_pretraining_stops_naming_the_step(tmp_path):
     overrides = [f"{key}={value}" for key, value in MINIMAL.items()]
     config = load_pretrain_config(CONFIG, overrides + [f"train.out={tmp_path}", "train.lr=1e12",
@@ -135,3 +162,33 @@ def test_pretraining_and_its_evaluation_run_on_every_tiny_family(tmp_path, famil
     assert all(row["n"] == 2 for row in scores["questions"].values())
     with pytest.raises(ConfigError, match=f"multiple of {32 if family == 'qwen3_vl' else 28}"):
         load_pretrain_config(CONFIG, overrides + [f"model.tiny_family={family}", f"model.image_size={side + 4}"])
+
+
+def test_torchrun_two_processes_pretrain_as_one_with_the_global_batch(tmp_path):
+    """Every kind of phase under DDP (an attributes step leaves the language model without
+    gradients and an answers step the heads) gives what one process gives with the whole batch:
+    the same loss (a mean over all answer tokens / objects, not a mean of per-rank means) and
+    the same weights, and a frozen tower stays put."""
+    settings = {**MINIMAL, "train.save_every": "1", "train.eval_every": "0"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    overrides = [part for key, value in settings.items() for part in (f"--{key}", value)]
+    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                "--master_port", str(free_port()), "-m", "rematch.cli", "pretrain",
+                                "--config", CONFIG, "--out", str(two), "--no-progress", *overrides],
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count(f"pre-trained {STEPS} steps") == 1  # only the main process reports
+    single = {**settings, "train.batch_size": str(2 * int(MINIMAL["train.batch_size"])), "train.out": str(one)}
+    pretrain(load_pretrain_config(CONFIG, [f"{key}={value}" for key, value in single.items()]),
+             show_progress=False, log=lambda *_: None)
+
+    logged = [losses(run) for run in (two, one)]
+    assert [row["step"] for row in logged[0]] == list(range(1, STEPS + 1))
+    for a, b in zip(*logged):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    weights = [[load_file(str(path / TRAINABLE)) for path in list_checkpoints(run / "checkpoints")] for run in (two, one)]
+    for name in weights[1][-1]:
+        torch.testing.assert_close(weights[0][-1][name], weights[1][-1][name], rtol=0, atol=1e-4, msg=name)
+    tower = [name for name in weights[0][0] if ".visual." in name]
+    assert any(not torch.equal(weights[0][0][name], weights[0][2][name]) for name in tower)  # attributes moved it
+    assert all(torch.equal(weights[0][2][name], weights[0][3][name]) for name in tower)  # frozen in the last phase

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
+
+from port_support import free_port
 
 
 def test_serve_command_reports_bad_flags_in_one_line(tmp_path, capsys):
@@ -24,14 +25,8 @@ def test_serve_command_reports_bad_flags_in_one_line(tmp_path, capsys):
     assert "--allow-untrained" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_rematch_serve_process_serves_and_stops_on_sigterm(tmp_path):
-    port = _free_port()
+    port = free_port()
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(
         [sys.executable, "-m", "rematch.cli", "serve", "--model", "tiny", "--allow-untrained", "--device", "cpu",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from rematch.commands.common import positive_int
 
@@ -15,6 +16,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     config = load_pretrain_config(args.config, run_overrides(args, STABLE_FLAGS))
     result = pretrain(config, show_progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, only the main process reports
+        return 0
     final = f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     print(f"pre-trained {result.steps} steps in {result.seconds:.1f}s{final}")
     print(f"backbone: {result.model_dir}" + (f"   loss curve: {result.loss_plot}" if result.loss_plot else ""))

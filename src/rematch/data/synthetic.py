@@ -71,6 +71,15 @@ def render(scene: Scene, side: int = 112, object_scale: float = 1.0) -> Image.Im
     return image
 
 
+def object_mask(obj: ShapeObject, side: int = 112, object_scale: float = 1.0) -> Image.Image:
+    """The pixels ``render`` paints for ``obj`` alone, as a mode "L" image (255 inside, 0 outside):
+    where an object lies in the image, for targets that must follow the drawing exactly
+    (the vision-tower warm-up of :mod:`rematch.training.tower_warmup`)."""
+    image = Image.new("RGB", (side, side), (0, 0, 0))
+    _draw_object(ImageDraw.Draw(image), obj, side, object_scale)
+    return image.convert("L").point(lambda value: 255 if value else 0)
+
+
 def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int, scale: float = 1.0) -> None:
     radius = SIZES[obj.size] * side / 2 * scale
     cx, cy = obj.x * side, obj.y * side

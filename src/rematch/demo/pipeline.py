@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rematch.config import Config, apply_overrides, dump_yaml
-from rematch.demo.settings import SUBSETS, AblationRow, DemoSettings
+from rematch.demo.settings import RANDOM_BACKBONE, SUBSETS, AblationRow, DemoSettings
 
 
 @dataclass
@@ -60,7 +60,10 @@ def row_config(settings: DemoSettings, row: AblationRow, seed: int, data_root: P
         "loss.matching_samples": max(1, settings.batch_size // 4),  # as the paper recipes: 1/4 of the batch
         "lora.enabled": False,
         "train.out": str(out), "train.steps": settings.steps, "train.batch_size": settings.batch_size,
-        "train.lr": settings.lr, "train.seed": seed, "train.warmup_ratio": 0.05, "train.freeze_vision": False,
+        "train.lr": settings.lr, "train.seed": seed, "train.warmup_ratio": 0.05,
+        # the paper trains LoRA on the language model and leaves a pretrained vision tower as it
+        # is; a random tower has to learn to see, so it trains
+        "train.freeze_vision": settings.backbone != RANDOM_BACKBONE,
         "train.save_every": 0, "train.plot": True,
         "train.overwrite": True,  # the demo owns its run folders: a rerun starts each row afresh
     }

@@ -50,11 +50,14 @@ ROWS: tuple[AblationRow, ...] = _cumulative_rows()
 
 #: The full recipe from a random tiny backbone instead of the pretrained one (``--from-scratch``).
 FROM_SCRATCH = AblationRow("from_scratch", "full ReMatch, random start (no pre-training)",
-                           {**ROWS[-1].overrides, "model.backbone": "tiny"}, uses_matching=True)
+                           {**ROWS[-1].overrides, "model.backbone": "tiny", "train.freeze_vision": False},
+                           uses_matching=True)
 ALL_ROWS: tuple[AblationRow, ...] = (*ROWS, FROM_SCRATCH)
 
 #: Backbones the demo can start from.
 BACKBONES = ("tiny", "tiny-pretrained")
+#: The random one (its vision tower trains in every row; a pretrained tower stays frozen).
+RANDOM_BACKBONE = "tiny"
 #: Image side of the random start (the demo's size before pre-training existed).
 RANDOM_START_IMAGE_SIZE = 56
 

@@ -41,6 +41,19 @@ class CurriculumPhase:
     """The learning rate at the phase's start; None: ``train.lr``."""
     lr_end: float | None = None
     """Cosine decay within the phase down to this value; None: constant at ``lr``."""
+    objective: str = "answers"
+    """``answers``: next-token answers to the phase's tasks. ``attributes``: the vision tower
+    alone learns every object's colour, shape and size from its merged tokens
+    (:mod:`rematch.training.tower_warmup`); its scenes follow the phase's scene settings and
+    it takes no ``task_weights``."""
+    freeze_tower: bool = False
+    """Keep the vision tower (with its merger) as it is during this phase (its learning rate is 0):
+    after an ``attributes`` phase, so answer training uses the tower's features without
+    unlearning them (measured: unfreezing at lr 1e-3 lost half the held-out colour and shape
+    accuracy within 500 steps)."""
+
+
+OBJECTIVES = ("answers", "attributes")
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,8 @@ class ResolvedPhase:
     object_scale: float
     lr: float
     lr_end: float | None
+    objective: str = "answers"
+    freeze_tower: bool = False
 
 
 class Curriculum:
@@ -86,7 +101,17 @@ class Curriculum:
                 raise ConfigError(f"{where} must be a mapping of phase settings, got {phase!r}")
             if phase.steps < 1:
                 raise ConfigError(f"{where}.steps must be >= 1, got {phase.steps}")
-            spec = CorpusSpec(split=base.split, seed=base.seed, task_weights=dict(phase.task_weights),
+            if phase.objective not in OBJECTIVES:
+                raise ConfigError(f"{where}.objective must be one of {', '.join(OBJECTIVES)}, got {phase.objective!r}")
+            if phase.objective == "attributes":
+                if phase.task_weights:
+                    raise ConfigError(f"{where}: an attributes phase reads objects off the scene and asks no "
+                                      f"questions; remove its task_weights ({dict(phase.task_weights)})")
+                if phase.freeze_tower:
+                    raise ConfigError(f"{where}: an attributes phase trains only the vision tower, so "
+                                      "freeze_tower would leave it nothing to train")
+            task_weights = dict(phase.task_weights) if phase.objective == "answers" else dict(base.task_weights)
+            spec = CorpusSpec(split=base.split, seed=base.seed, task_weights=task_weights,
                               object_weights=tuple(phase.object_weights if phase.object_weights is not None
                                                    else base.object_weights))
             try:
@@ -100,7 +125,8 @@ class Curriculum:
                 if value is not None and not (math.isfinite(value) and value >= 0):
                     raise ConfigError(f"{where}.{name} must be a finite number >= 0, got {value}")
             resolved.append(ResolvedPhase(start, start + phase.steps, spec, phase.single_object, phase.large_only,
-                                          phase.object_scale, phase_lr, phase.lr_end))
+                                          phase.object_scale, phase_lr, phase.lr_end, phase.objective,
+                                          phase.freeze_tower))
             start += phase.steps
         if start != total_steps:
             raise ConfigError(f"data.phases add up to {start} steps but train.steps is {total_steps}: make them "
@@ -128,3 +154,12 @@ class Curriculum:
     def lr_scale(self, base_lr: float):
         """``step -> lr_at(step) / base_lr``: the factor a ``LambdaLR`` over an optimiser at ``base_lr`` needs."""
         return lambda step: self.lr_at(step) / base_lr
+
+    def tower_lr_scale(self, base_lr: float):
+        """The same for the vision tower's parameter group: 0 in the phases that freeze it."""
+        return lambda step: 0.0 if self.phase_at(step).freeze_tower else self.lr_at(step) / base_lr
+
+    @property
+    def uses_attributes(self) -> bool:
+        """Whether some phase trains the tower's attribute heads (they then exist in the run)."""
+        return any(phase.objective == "attributes" for phase in self.phases)

@@ -98,7 +98,8 @@ def final_states(backbone: nn.Module, adapter, batch: GenerativeBatch) -> torch.
 
 
 def answer_loss(backbone: nn.Module, adapter, batch: GenerativeBatch) -> dict[str, torch.Tensor]:
-    """Mean next-token cross-entropy over the answer tokens only (prompts and images are context).
+    """Mean next-token cross-entropy over the answer tokens only (prompts and images are context),
+    and ``count``, how many tokens it averages (what a global mean over processes weighs by).
 
     Logits are computed only at the positions that predict an answer token, not for the
     whole sequence.
@@ -118,7 +119,7 @@ def answer_loss(backbone: nn.Module, adapter, batch: GenerativeBatch) -> dict[st
     logits = states.to(weight.dtype) @ weight.T
     targets = batch.input_ids[rows_t, columns_t + 1]
     loss = F.cross_entropy(logits.float(), targets)
-    return {"loss": loss}
+    return {"loss": loss, "count": torch.tensor(float(len(rows)), device=hidden.device)}
 
 
 @torch.inference_mode()

@@ -13,7 +13,9 @@ resume, the JSONL/CSV loss log and its plot, and a stop at the first non-finite 
 pieces come from :mod:`rematch.training.loop`, ``checkpoint``, ``run_directory`` and ``logs``;
 what is here is only what differs: the model (a bare backbone, every weight trained), the
 data stream (example ``i`` of the corpus, so a resume continues at an index) and the loss
-(answer tokens only). The result is a plain Hugging Face backbone directory plus
+(answer tokens only; in a curriculum's ``attributes`` phases the vision tower's attribute
+loss of :mod:`rematch.training.tower_warmup`, with the tower frozen in later phases if
+they say so). The result is a plain Hugging Face backbone directory plus
 ``pretraining.json``, loadable as ``model.backbone`` of any ReMatch recipe.
 """
 
@@ -35,7 +37,16 @@ from tqdm.auto import tqdm
 from rematch.config import ConfigError, ModelConfig, check_optimisation, check_seed, dump_yaml
 from rematch.training.curriculum import Curriculum, CurriculumPhase
 from rematch.training.generative import GenerativeBatch, GenerativeCollator, answer_loss
-from rematch.world.pretrain_corpus import GENERATOR_VERSION, TASKS, CorpusError, CorpusSpec, make_example
+from rematch.training.tower_warmup import AttributeBatch, AttributeCollator, AttributeHeads, attribute_loss
+from rematch.world.pretrain_corpus import (
+    ATTRIBUTES_TASK,
+    GENERATOR_VERSION,
+    TASKS,
+    CorpusError,
+    CorpusSpec,
+    make_example,
+    scene_example,
+)
 
 #: What a pre-training run's model directory holds besides the Hugging Face files.
 RECORD_FILE = "pretraining.json"
@@ -185,8 +196,9 @@ class CorpusStream:
             index = self.next_index
             self.next_index += 1
             phase = self.curriculum.phase_at(index // self.global_batch)
-            yield make_example(phase.spec, index, large_only=phase.large_only, single_object=phase.single_object,
-                               object_scale=phase.object_scale)
+            draw = scene_example if phase.objective == "attributes" else make_example
+            yield draw(phase.spec, index, large_only=phase.large_only, single_object=phase.single_object,
+                       object_scale=phase.object_scale)
 
     def state_dict(self) -> dict[str, Any]:
         return {"next_index": self.next_index, "generator_version": GENERATOR_VERSION}
@@ -202,17 +214,64 @@ class CorpusStream:
 # ---------------------------------------------------------------------- model
 
 
-class AnswerLossModule(nn.Module):
-    """The backbone with the answer-only loss as its forward (what DDP wraps: the loss must
-    run inside ``forward`` for gradients to be synchronised)."""
+class PretrainObjective(nn.Module):
+    """The backbone with its pre-training loss as the forward (what DDP wraps: the loss must
+    run inside ``forward`` for gradients to be synchronised): the answer-only loss for answer
+    batches, the tower's attribute loss for attribute batches (``heads`` exist only when the
+    curriculum has an ``attributes`` phase)."""
 
-    def __init__(self, backbone: nn.Module, adapter):
+    def __init__(self, backbone: nn.Module, adapter, heads: AttributeHeads | None = None):
         super().__init__()
         self.backbone = backbone
         self.adapter = adapter
+        self.heads = heads
 
-    def forward(self, batch: GenerativeBatch) -> dict[str, torch.Tensor]:
-        return answer_loss(self.backbone, self.adapter, batch.to(self.backbone.device))
+    def forward(self, batch: GenerativeBatch | AttributeBatch) -> dict[str, torch.Tensor]:
+        batch = batch.to(self.backbone.device)
+        if isinstance(batch, AttributeBatch):
+            if self.heads is None:
+                raise ValueError("an attribute batch needs the attribute heads of an attributes phase")
+            terms = attribute_loss(self.backbone, self.adapter, self.heads, batch)
+        else:
+            terms = answer_loss(self.backbone, self.adapter, batch)
+        return {**terms, "loss": self.global_mean(terms["loss"], terms["count"])}
+
+    @staticmethod
+    def global_mean(local_mean: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+        """Rescale this process's mean so that DDP's gradient average is the mean over every
+        process's tokens (objects): ranks hold different numbers of answer tokens, and an average
+        of per-rank means would weigh a short answer on a small rank more than one process would."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return local_mean
+        world = torch.distributed.get_world_size()
+        total = local_count.detach().clone()
+        torch.distributed.all_reduce(total)
+        return local_mean * (world * local_count / total)
+
+
+class PhaseCollator:
+    """Each step's examples into the batch its phase trains on: all examples of a step share a phase."""
+
+    def __init__(self, adapter, image_size: int):
+        self.answers = GenerativeCollator(adapter, image_size)
+        self.attributes = AttributeCollator(adapter, image_size)
+
+    def __call__(self, examples) -> GenerativeBatch | AttributeBatch:
+        kinds = {example.task == ATTRIBUTES_TASK for example in examples}
+        if len(kinds) != 1:
+            raise ValueError("a batch mixes attribute scenes and questions: one step belongs to one phase")
+        return self.attributes(examples) if kinds.pop() else self.answers(examples)
+
+
+def optimiser_groups(module: PretrainObjective, train: "PretrainTrainConfig") -> list[dict[str, Any]]:
+    """Two parameter groups, the vision tower (with its merger) first and everything else, so a
+    phase can freeze the tower by giving its group a learning rate of 0 (DDP-safe, unlike
+    switching ``requires_grad`` mid-run)."""
+    tower = {id(p) for p in module.adapter.core(module.backbone).visual.parameters()}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if id(p) in tower], "lr": train.lr, "weight_decay": train.weight_decay},
+            {"params": [p for p in trainable if id(p) not in tower], "lr": train.lr,
+             "weight_decay": train.weight_decay}]
 
 
 def build_backbone(config: PretrainConfig):
@@ -246,7 +305,7 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     reproduces its recorded loss curve without paying for the whole run.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from transformers import get_scheduler
 
     from rematch.training.batches import BatchStream
@@ -260,7 +319,11 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     if stop_after is not None and not 1 <= stop_after <= train.steps:
         raise ConfigError(f"stop_after must be within 1..train.steps ({train.steps}), got {stop_after}")
     last_step = train.steps if stop_after is None else stop_after
-    accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available())
+    curriculum = config.curriculum()
+    # an attributes phase leaves the language model without gradients, an answers phase the heads
+    unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if curriculum.uses_attributes else []
+    accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=unused)
     set_seed(train.seed)
     is_main = accelerator.is_main_process
     quiet = log if is_main else (lambda *_: None)
@@ -272,19 +335,19 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
         dump_yaml(config, out / "config.yaml")
 
     backbone, adapter = build_backbone(config)
-    module = AnswerLossModule(backbone, adapter)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in backbone.parameters() if p.requires_grad], "lr": train.lr,
-          "weight_decay": train.weight_decay}])
-    curriculum = config.curriculum()
+    heads = AttributeHeads(adapter.causal_lm(backbone).config.get_text_config().hidden_size) \
+        if curriculum.uses_attributes else None
+    module = PretrainObjective(backbone, adapter, heads)
+    optimizer = torch.optim.AdamW(optimiser_groups(module, train))
     if curriculum.schedules_lr:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, curriculum.lr_scale(train.lr))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [curriculum.tower_lr_scale(train.lr), curriculum.lr_scale(train.lr)])
     else:
         scheduler = get_scheduler(train.scheduler, optimizer,
                                   num_warmup_steps=int(train.warmup_ratio * train.steps),
                                   num_training_steps=train.steps)
     module, optimizer = accelerator.prepare(module, optimizer)
-    unwrapped: AnswerLossModule = accelerator.unwrap_model(module)
+    unwrapped: PretrainObjective = accelerator.unwrap_model(module)
 
     global_batch = train.batch_size * accelerator.num_processes
     source = CorpusStream(curriculum, global_batch)
@@ -292,15 +355,15 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     if train.resume:
         found = latest_checkpoint(checkpoints, log=log)
         if found is not None:
-            state = load_checkpoint(found, unwrapped.backbone, optimizer, scheduler, rank=accelerator.process_index)
+            state = load_checkpoint(found, unwrapped, optimizer, scheduler, rank=accelerator.process_index)
             check_resume(state.extra, read_run_id(out), config, state.step, found, log=quiet)
             source.load_state_dict(state.data_state)
             start_step = state.step
-            log(f"resumed from {found} at step {start_step}")
+            quiet(f"resumed from {found} at step {start_step}")
         else:
-            log(f"no complete checkpoint in {checkpoints}: starting from step 0")
+            quiet(f"no complete checkpoint in {checkpoints}: starting from step 0")
 
-    collator = GenerativeCollator(adapter, config.model.image_size)
+    collator = PhaseCollator(adapter, config.model.image_size)
     stream = BatchStream(source, collator, train.batch_size, rank=accelerator.process_index,
                          world_size=accelerator.num_processes, workers=max(1, config.data.num_workers))
     step_log = StepLog(out, resume_step=start_step) if is_main else None
@@ -316,7 +379,10 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
             step_batch = next(stream)
             module.train()
             loss = module(step_batch.batch)["loss"]
-            value = float(loss.detach())
+            # the mean over all processes (DDP's gradient is its gradient): every rank logs and
+            # checks the same number, so all of them stop together on a non-finite loss
+            value = float(accelerator.reduce(loss.detach(), "mean")) if accelerator.num_processes > 1 \
+                else float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"step {step + 1}: the answer loss is {value}; stopping (last finite "
                                          f"loss: {last_loss})")
@@ -342,7 +408,7 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
             progress.set_postfix({"loss": f"{value:.3f}"})
             progress.update(1)
             if train.save_every and done % train.save_every == 0 and done < train.steps:
-                _checkpoint(accelerator, checkpoints, done, unwrapped.backbone, optimizer, scheduler,
+                _checkpoint(accelerator, checkpoints, done, unwrapped, optimizer, scheduler,
                             step_batch.data_state, config, run_id)
     finally:
         progress.close()
@@ -350,7 +416,7 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
         if heldout is not None:
             heldout.close()
     seconds = time.perf_counter() - started
-    _checkpoint(accelerator, checkpoints, last_step, unwrapped.backbone, optimizer, scheduler, last_data_state,
+    _checkpoint(accelerator, checkpoints, last_step, unwrapped, optimizer, scheduler, last_data_state,
                 config, run_id)
     model_dir, plot = out / "model", None
     if is_main and last_step < train.steps:

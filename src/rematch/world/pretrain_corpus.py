@@ -59,6 +59,8 @@ LAYOUT_HALF = {"pretrain": TRAIN_SPLIT, "heldout": EVAL_SPLIT}
 
 QUESTION_TYPES = ("colour", "shape", "size", "count", "position", "relation")
 TASKS = ("caption", *QUESTION_TYPES, "verify")
+#: The task of a :func:`scene_example` (no question: the tower warm-up reads the scene graph).
+ATTRIBUTES_TASK = "attributes"
 FOIL_KINDS = PERTURBATIONS  # swap_colours, reverse_relation, replace_colour, replace_shape, replace_size
 
 CAPTION_PROMPT = "Describe the image."
@@ -149,6 +151,16 @@ def make_example(spec: CorpusSpec, index: int, large_only: bool = False, single_
             prompt, answer, kind = made
             return Example(scene, prompt, answer, task, kind, object_scale)
     raise RuntimeError(f"no {task} example found in 1000 scenes (split {spec.split}, index {index})")
+
+
+def scene_example(spec: CorpusSpec, index: int, large_only: bool = False, single_object: bool = False,
+                  object_scale: float = 1.0) -> Example:
+    """Scene ``index`` of the stream ``spec`` describes, with no question: what the vision-tower
+    warm-up (:mod:`rematch.training.tower_warmup`) learns from, which reads every object's
+    attributes off the scene itself. Task ``attributes``; prompt and answer are empty."""
+    rng = example_rng(spec.split, spec.seed, index)
+    scene = _scene(rng, spec, LAYOUT_HALF[spec.split], large_only, 1 if single_object else None)
+    return Example(scene, "", "", ATTRIBUTES_TASK, "", object_scale)
 
 
 def heldout_examples(per_type: int, seed: int = 0) -> list[Example]:
