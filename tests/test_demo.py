@@ -73,21 +73,26 @@ def test_rows_share_budget_and_seed_and_differ_only_in_their_ingredients(demo):
         assert "steps: 2" in text and "batch_size: 4" in text and "seed: 0" in text
     assert "num_tokens: 0" in configs["baseline"] and "num_tokens: 16" in configs["full"]
     assert "hard_negatives: false" in configs["baseline"] and "hard_negatives: true" in configs["hard_negative"]
-    assert all("freeze_vision: false" in text for text in configs.values())  # a random tower must learn to see
+    # every row fine-tunes the shipped pretrained start, its tower frozen (the paper: LoRA on the language model)
+    assert all("backbone: tiny-pretrained" in t and "freeze_vision: true" in t for t in configs.values())
 
 
-def test_cli_demo_prints_the_table(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--rows", "baseline", "--steps", "1"]) == 0
+def test_cli_demo_prints_the_table_also_from_the_random_start(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--rows", "baseline", "--steps", "1",
+                 "--backbone", "tiny"]) == 0
     printed = capsys.readouterr().out
     assert "Precision@1" in printed and "VLM2Vec-style baseline" in printed
     assert all(SHORT[s] in printed for s in SUBSETS)
+    config = (tmp_path / "runs" / "baseline" / "seed0" / "config.yaml").read_text()
+    # a random tower must learn to see; 56 px, the random start's size
+    assert "backbone: tiny\n" in config and "freeze_vision: false" in config and "max_pixels: 3136" in config
 
 
 def test_demo_on_the_pretrained_start_with_a_from_scratch_row(tmp_path, capsys, cli_error):
-    """--backbone tiny-pretrained fine-tunes the shipped backbone (at its 112 px) in every row;
-    --from-scratch adds the full recipe from a random backbone, same budget, as its own row."""
+    """By default every row fine-tunes the shipped backbone (at its 112 px); --from-scratch adds
+    the full recipe from a random backbone, same budget, as its own row."""
     assert main(["demo", "--quick", "--out", str(tmp_path), "--rows", "full", "--steps", "1",
-                 "--backbone", "tiny-pretrained", "--from-scratch"]) == 0
+                 "--from-scratch"]) == 0
     printed = capsys.readouterr().out
     assert "full ReMatch (+ orthogonality)" in printed and "random start (no pre-training)" in printed
     configs = {row: (tmp_path / "runs" / row / "seed0" / "config.yaml").read_text() for row in ("full", "from_scratch")}
@@ -98,5 +103,6 @@ def test_demo_on_the_pretrained_start_with_a_from_scratch_row(tmp_path, capsys, 
         assert "max_pixels: 12544" in text and "steps: 1" in text  # 112 px, same budget
     assert "pretrained generatively" in (tmp_path / "report.md").read_text()
     # a from-scratch row next to a random start compares nothing
-    assert "--backbone tiny-pretrained" in cli_error(["demo", "--quick", "--out", tmp_path / "x", "--from-scratch"])
+    assert "--backbone tiny-pretrained" in cli_error(["demo", "--quick", "--out", tmp_path / "x", "--backbone", "tiny",
+                                                      "--from-scratch"])
     assert not (tmp_path / "x").exists()

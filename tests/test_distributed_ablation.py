@@ -26,7 +26,7 @@ from port_support import free_port
 from rematch.config import apply_overrides
 from rematch.data.shapes_tasks import write_shapes_dataset
 from rematch.demo.pipeline import row_config
-from rematch.demo.settings import ROWS, DemoSettings
+from rematch.demo.settings import BACKBONES, ROWS, DemoSettings
 
 PER_RANK = 2
 WORLD = 2
@@ -35,9 +35,10 @@ MODES = {"plain": 0, "gradcache": 1}  # train.grad_cache_chunk: 1 cuts each rank
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 
 
-def _config(data_root: str, out: Path, row_name: str, batch_size: int, chunk: int):
-    """The demo's own config for the row (tiny Qwen2-VL, full fine-tuning, 56x56 images), made small."""
-    settings = DemoSettings.create(out=out.parent, quick=True)
+def _config(data_root: str, out: Path, row_name: str, batch_size: int, chunk: int, backbone: str):
+    """The demo's own config for the row on either start (the pretrained tiny Qwen2-VL with its tower
+    frozen at 112 px, or the random one fully fine-tuned at 56 px), made small."""
+    settings = DemoSettings.create(out=out.parent, quick=True, backbone=backbone)
     config = row_config(settings, ROWS_BY_NAME[row_name], seed=0, data_root=Path(data_root), out=out)
     # matching_samples counts per process (the demo uses a quarter of the per-process batch), so
     # only "every row" matches the same samples under 1 and 2 processes.
@@ -51,7 +52,7 @@ def _train_quietly(config) -> None:
     train(config, show_progress=False, log=lambda *_: None)
 
 
-def _two_process_worker(rank: int, port: int, data_root: str, out_root: str) -> None:
+def _two_process_worker(rank: int, port: int, data_root: str, out_root: str, backbone: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -60,25 +61,27 @@ def _two_process_worker(rank: int, port: int, data_root: str, out_root: str) -> 
     try:
         for row in ROWS:
             for mode, chunk in MODES.items():
-                _train_quietly(_config(data_root, Path(out_root) / f"{row.name}-{mode}", row.name, PER_RANK, chunk))
+                _train_quietly(_config(data_root, Path(out_root) / f"{row.name}-{mode}", row.name, PER_RANK, chunk,
+                                       backbone))
     finally:
         dist.destroy_process_group()
 
 
-def _reference_worker(index: int, data_root: str, out_root: str) -> None:
+def _reference_worker(index: int, data_root: str, out_root: str, backbone: str) -> None:
     """One process, no process group: rows index, index+2, ... with the global batch."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     for row in ROWS[index::2]:
-        _train_quietly(_config(data_root, Path(out_root) / f"{row.name}-one", row.name, PER_RANK * WORLD, 0))
+        _train_quietly(_config(data_root, Path(out_root) / f"{row.name}-one", row.name, PER_RANK * WORLD, 0, backbone))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ablation")
+@pytest.fixture(scope="module", params=BACKBONES)
+def runs(tmp_path_factory, request) -> Path:
+    """Every row trained by two processes and by one, from the backbone the demo starts from."""
+    root = tmp_path_factory.mktemp(f"ablation-{request.param}")
     data_root = str(write_shapes_dataset(root / "shapes", train_rows=40, eval_queries=0, seed=0, image_size=56))
-    mp.spawn(_two_process_worker, args=(free_port(), data_root, str(root)), nprocs=WORLD, join=True)
-    mp.spawn(_reference_worker, args=(data_root, str(root)), nprocs=2, join=True)
+    mp.spawn(_two_process_worker, args=(free_port(), data_root, str(root), request.param), nprocs=WORLD, join=True)
+    mp.spawn(_reference_worker, args=(data_root, str(root), request.param), nprocs=2, join=True)
     return root
 
 

@@ -16,7 +16,7 @@ from rematch.data.collate import TrainCollator
 from rematch.data.items import Item
 from rematch.data.records import TrainExample
 from rematch.demo.pipeline import row_config
-from rematch.demo.settings import ROWS, DemoSettings
+from rematch.demo.settings import BACKBONES, RANDOM_BACKBONE, ROWS, DemoSettings
 from rematch.model import EmbeddingOutput
 from rematch.training.gradcache import GradCache
 from rematch.training.loop import prepare_model
@@ -71,15 +71,20 @@ def test_in_batch_fallback_never_takes_a_spelling_variant_of_the_positive():
 # ------------------------------------------------------------------ which parameters train
 
 
+@pytest.mark.parametrize("start", BACKBONES)
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
-def test_parameters_no_enabled_loss_reaches_are_frozen_for_every_ablation_row(tmp_path, row):
-    config = row_config(DemoSettings.create(quick=True), row, seed=0, data_root=Path("unused"), out=tmp_path)
+def test_parameters_no_enabled_loss_reaches_are_frozen_for_every_ablation_row(tmp_path, row, start):
+    config = row_config(DemoSettings.create(quick=True, backbone=start), row, seed=0, data_root=Path("unused"),
+                        out=tmp_path)
     model = prepare_model(config)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert ("query_tokens" in trainable) == ("document_tokens" in trainable) == (config.model.num_tokens > 0)
     assert any(name.startswith("projector.") for name in trainable) == (config.loss.matching > 0)
-    backbone = [name for name, _ in model.named_parameters() if name.startswith("backbone.")]
-    assert set(backbone) <= trainable  # full fine-tuning with the vision tower, as the demo trains
+    backbone = {name for name, _ in model.named_parameters() if name.startswith("backbone.")}
+    tower = {name for name in backbone if ".visual." in name}
+    assert tower and backbone - tower <= trainable  # the language model trains in full
+    # a random tower learns to see; a pretrained one stays as it is (the paper: LoRA on the language model)
+    assert tower <= trainable if start == RANDOM_BACKBONE else not tower & trainable
 
 
 def test_lora_with_matching_off_trains_only_adapters_and_tokens():

@@ -30,9 +30,9 @@ def register(sub) -> None:
     demo.add_argument("--seeds", type=positive_int, default=1, help="seeds per ablation row (mean and spread)")
     demo.add_argument("--steps", type=positive_int, default=None, help="training steps per row (default 300; quick 12)")
     demo.add_argument("--rows", nargs="+", default=None, help="only these ablation rows (default: all six)")
-    demo.add_argument("--backbone", choices=BACKBONES, default="tiny",
-                      help="what every row fine-tunes: the random tiny Qwen2-VL (56 px) or the shipped generatively "
-                           "pretrained one (112 px; docs/pretraining.md)")
+    demo.add_argument("--backbone", choices=BACKBONES, default="tiny-pretrained",
+                      help="what every row fine-tunes: the shipped generatively pretrained tiny Qwen2-VL (112 px, "
+                           "docs/pretraining.md; the default) or the random one (56 px)")
     demo.add_argument("--from-scratch", action="store_true",
                       help="add the full recipe from a random backbone as a row of its own (what pre-training buys)")
     demo.set_defaults(func=cmd_demo)

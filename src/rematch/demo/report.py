@@ -199,7 +199,8 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
         f"Setting: {_start(settings)}, built-in shapes world "
         f"({settings.train_rows} training rows, one hard negative each), {settings.steps} steps x batch "
         f"{settings.batch_size}, lr {settings.lr}, temperature {settings.temperature}, {settings.image_size} px, "
-        f"{settings.seeds} seed(s) (0..{settings.seeds - 1}; the seed sets the backbone init and the data order). "
+        f"{settings.seeds} seed(s) (0..{settings.seeds - 1}; the seed sets the initialisation of the new weights, "
+        f"of a random backbone too, and the data order). "
         f"Evaluation: MMEB protocol on {settings.eval_queries} queries per subset x up to "
         f"{settings.eval_candidates} candidates (classification and VQA rank their whole label/answer set).", "",
         "## Ablation (Precision@1 = hit@1, %)", "",
@@ -263,7 +264,8 @@ def _start(settings: DemoSettings) -> str:
         return "tiny random Qwen2-VL (1.1M parameters, trained from scratch)"
     if settings.backbone == "tiny-pretrained":
         return ("the shipped tiny Qwen2-VL pretrained generatively on held-out shapes scenes (`tiny-pretrained`, "
-                "docs/pretraining.md), fine-tuned by every row"
+                "docs/pretraining.md), fine-tuned by every row with its vision tower frozen (as the paper's LoRA "
+                "on the language model leaves it)"
                 + ("; the from-scratch row starts from a random backbone instead" if settings.from_scratch else ""))
     return f"backbone `{settings.backbone}`, fine-tuned by every row"
 
