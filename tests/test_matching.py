@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from matching_support import assert_packed_equals_reference, soft_table
 from rematch import Item, ReMatchModel
 from rematch.data.synthetic import Scene, ShapeObject, render
 from rematch.matching import (
     MatchSample,
     build_packed_batch,
-    build_reference_batch,
     document_blocks,
     match_logits,
     view_pairs,
@@ -41,22 +41,12 @@ def logits_of(model, batch, soft):
         return match_logits(model, batch, soft)
 
 
-def soft_table(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(6, model.hidden_size, generator=generator), dim=-1)
-
-
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_model_25"])
 def test_packed_equals_reference_with_images(request, fixture):
     model = request.getfixturevalue(fixture)
-    packed = build_packed_batch(model.adapter, samples(), model.config.system_prompt, INSTRUCTION)
-    reference = build_reference_batch(model.adapter, samples(), model.config.system_prompt, INSTRUCTION)
+    packed, reference = assert_packed_equals_reference(model, samples(), INSTRUCTION)
     assert packed.input_ids.shape[0] == 2 and reference.input_ids.shape[0] == 16
     assert packed.pixel_values is not None and packed.image_grid_thw.shape[0] == 3
-    soft = soft_table(model)
-    difference = (logits_of(model, packed, soft) - logits_of(model, reference, soft)).abs().max()
-    assert difference < 1e-4
-    torch.testing.assert_close(packed.labels, reference.labels)
 
 
 def test_labels_follow_the_relevant_document():

@@ -22,19 +22,17 @@ from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoP
 from transformers.video_utils import VideoMetadata
 
 import video_support
+from matching_support import assert_packed_equals_reference
 from step_support import assert_same, run_step
+from video_support import video_examples
 from rematch import Item, ReMatchModel
 from rematch.backbones.base import DeepStack
 from rematch.config import LossConfig
 from rematch.data.collate import TrainCollator
-from rematch.data.records import TrainExample
 from rematch.data.video import VideoLoadError
 from rematch.matching import (
     DOCUMENT_HEADER,
     MatchSample,
-    build_packed_batch,
-    build_reference_batch,
-    match_logits,
     processed_images,
     raw_views,
 )
@@ -223,26 +221,8 @@ def test_packed_matching_equals_the_reference_with_video_views(model):
     items = mixed_items()
     samples = [MatchSample(items[1], (items[0], items[3]), (True, False)),
                MatchSample(items[0], (items[2], items[1]), (False, True))]
-    packed = build_packed_batch(model.adapter, samples, model.config.system_prompt, INSTRUCTION)
-    reference = build_reference_batch(model.adapter, samples, model.config.system_prompt, INSTRUCTION)
+    packed, _ = assert_packed_equals_reference(model, samples, INSTRUCTION)
     assert packed.video_grid_thw.shape[0] == 3 and packed.image_grid_thw.shape[0] == 1
-    generator = torch.Generator().manual_seed(0)
-    soft = torch.nn.functional.normalize(torch.randn(6, model.hidden_size, generator=generator), dim=-1)
-    with torch.no_grad():
-        difference = (match_logits(model, packed, soft) - match_logits(model, reference, soft)).abs().max()
-    assert difference < 1e-4
-    torch.testing.assert_close(packed.labels, reference.labels)
-
-
-def video_examples() -> list[TrainExample]:
-    items = mixed_items()
-    squares = [tuple(moving_square(4, colour, seed)) for seed, colour in enumerate(
-        [(200, 200, 40), (40, 200, 200), (200, 40, 200)])]
-    return [TrainExample(Item(text="which clip shows a red square?"), items[1], (items[3],)),
-            TrainExample(items[1], Item(text="the square moves right"), (Item(text="it moves left"),)),
-            TrainExample(Item(text="a yellow square"), Item(video=squares[0]), (items[2],)),
-            TrainExample(Item(video=squares[1], text="<|video_1|> colour?"), Item(text="cyan"),
-                         (Item(video=squares[2]),))]
 
 
 def test_a_training_step_with_videos_reuses_the_frozen_tower_with_the_same_loss_and_gradients():
@@ -251,7 +231,7 @@ def test_a_training_step_with_videos_reuses_the_frozen_tower_with_the_same_loss_
     model = ReMatchModel.tiny(backbone="qwen3_vl", **SETTINGS)
     model.enable_lora(r=4, alpha=8, dropout=0.0)
     assert vision_tower_frozen(model)
-    batch = TrainCollator(model, matching=True)(video_examples())
+    batch = TrainCollator(model, matching=True)(video_examples(mixed_items(), moving_square))
     cached = with_image_features(model, batch)
     assert len(cached.image_features) == 7  # 1 image and 6 videos, one table in row order
     assert cached.queries.video_features.shape[-1] == 3 * model.hidden_size  # final + 2 DeepStack layers

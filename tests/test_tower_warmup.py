@@ -3,14 +3,13 @@ and a tiny tower learns attributes from them (real tiny models, no mocks)."""
 
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rematch.data.synthetic import Scene, ShapeObject, random_scene, render
+from rematch.data.synthetic import Scene, ShapeObject
 from rematch.training.pretrain import PretrainConfig, PretrainObjective, build_backbone
 from rematch.training.tower_warmup import AttributeCollator, AttributeHeads, cell_weights
 from rematch.world.pretrain_corpus import CorpusSpec, scene_example

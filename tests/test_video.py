@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 import video_support
+from matching_support import assert_packed_equals_reference
 from step_support import assert_same, run_step
+from video_support import video_examples
 from rematch import Item, ItemError, ReMatchModel
 from rematch.backbones.processor import video_patches
 from rematch.config import LossConfig
@@ -23,7 +25,7 @@ from rematch.data.collate import TrainCollator
 from rematch.data.records import TrainExample
 from rematch.data.validation import DataError
 from rematch.data.video import VideoLoadError, load_video_frames
-from rematch.matching import MatchSample, build_packed_batch, build_reference_batch, match_logits
+from rematch.matching import MatchSample
 from rematch.training.step import ReMatchTrainingModule
 from rematch.training.vision_cache import vision_tower_frozen, with_image_features
 
@@ -207,32 +209,15 @@ def test_packed_matching_equals_the_reference_with_video_views(models, family):
     items = mixed_items()
     samples = [MatchSample(items[1], (items[0], items[3]), (True, False)),
                MatchSample(items[0], (items[2], items[1]), (False, True))]
-    packed = build_packed_batch(model.adapter, samples, model.config.system_prompt, INSTRUCTION)
-    reference = build_reference_batch(model.adapter, samples, model.config.system_prompt, INSTRUCTION)
+    packed, _ = assert_packed_equals_reference(model, samples, INSTRUCTION)
     assert packed.video_grid_thw.shape[0] == 3 and packed.image_grid_thw.shape[0] == 1
-    soft = torch.nn.functional.normalize(torch.randn(6, model.hidden_size, generator=torch.Generator().manual_seed(0)),
-                                         dim=-1)
-    with torch.no_grad():
-        difference = (match_logits(model, packed, soft) - match_logits(model, reference, soft)).abs().max()
-    assert difference < 1e-4
-
-
-def video_examples() -> list[TrainExample]:
-    items = mixed_items()
-    squares = [tuple(moving_square(4, colour, seed)) for seed, colour in enumerate(
-        [(200, 200, 40), (40, 200, 200), (200, 40, 200)])]
-    return [TrainExample(Item(text="which clip shows a red square?"), items[1], (items[3],)),
-            TrainExample(items[1], Item(text="the square moves right"), (Item(text="it moves left"),)),
-            TrainExample(Item(text="a yellow square"), Item(video=squares[0]), (items[2],)),
-            TrainExample(Item(video=squares[1], text="<|video_1|> colour?"), Item(text="cyan"),
-                         (Item(video=squares[2]),))]
 
 
 def test_a_training_step_with_videos_reuses_the_frozen_tower_with_the_same_loss_and_gradients():
     model = ReMatchModel.tiny(k=4, seed=0, max_pixels=SIDE * SIDE, backbone="qwen2_5_vl", video_fps=float(FPS))
     model.enable_lora(r=4, alpha=8, dropout=0.0)
     assert vision_tower_frozen(model)
-    batch = TrainCollator(model, matching=True)(video_examples())
+    batch = TrainCollator(model, matching=True)(video_examples(mixed_items(), moving_square))
     cached = with_image_features(model, batch)
     assert len(cached.image_features) == 7  # 1 image and 6 videos, one table in row order
     with torch.no_grad():
