@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -13,11 +14,17 @@ from rematch.demo.report import COLUMNS, SHORT, score
 from rematch.demo.settings import SUBSETS
 
 
+SMALL = dict(quick=True, train_rows=60, eval_queries=4, eval_candidates=8, steps=2, batch_size=4, rerank_top=2)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    settings = DemoSettings.create(out=tmp_path_factory.mktemp("demo"), quick=True, train_rows=60, eval_queries=4,
-                                   eval_candidates=8, steps=2, batch_size=4, rerank_top=2)
-    return run_demo(settings, log=lambda *_: None)
+    """The whole demo at minimal size, its rows trained by two worker processes (as on a 2-core laptop)."""
+    settings = DemoSettings.create(out=tmp_path_factory.mktemp("demo"), workers=2, **SMALL)
+    lines = []
+    result = run_demo(settings, log=lines.append)
+    result.lines = lines
+    return result
 
 
 def parse_table(markdown: str, title: str) -> dict[str, list[str]]:
@@ -67,6 +74,35 @@ def test_every_table_number_comes_from_an_evaluation_run(demo):
         assert all(re.fullmatch(r"\d+\.\d", cell) for cell in table[row.label])
 
 
+def test_a_row_measures_the_same_in_a_worker_process_as_in_this_one(demo, tmp_path):
+    """Rows trained side by side in worker processes give the numbers a one-after-another run
+    gives (same seeds, same thread count), come back in row order, and each prints its one line."""
+    rows = ("baseline", "full")
+    alone = run_demo(DemoSettings.create(out=tmp_path, workers=1, rows=rows, video_clips=0, pages=0, **SMALL),
+                     log=lambda *_: None)
+    assert [r.row for r in demo.records] == [row.name for row in ROWS]
+    in_workers = {r.row: r for r in demo.records}
+    def measured(evaluation):  # everything but the clock; the fingerprint covers the trained weights
+        return {name: {k: v for k, v in subset.items() if k != "seconds"}
+                for name, subset in (evaluation or {}).get("subsets", {}).items()}
+
+    for record in alone.records:
+        twin = in_workers[record.row]
+        assert record.train["final_losses"] == twin.train["final_losses"], record.row
+        assert measured(record.evaluation) == measured(twin.evaluation), record.row
+        assert measured(record.reranked) == measured(twin.reranked), record.row
+    assert sorted(line.split()[0] for line in demo.lines if " seed 0: trained " in line) == sorted(r.name for r in ROWS)
+
+
+def test_worker_count_follows_the_cores_and_the_jobs():
+    settings = DemoSettings.create(out="unused", workers=0)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert settings.worker_count(100) == max(1, cores) and settings.worker_count(1) == 1
+    assert DemoSettings.create(out="unused", workers=3).worker_count(2) == 2
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        DemoSettings.create(out="unused", workers=-1)
+
+
 def test_rows_share_budget_and_seed_and_differ_only_in_their_ingredients(demo):
     configs = {row.name: (demo.settings.out / "runs" / row.name / "seed0" / "config.yaml").read_text() for row in ROWS}
     for text in configs.values():
@@ -79,7 +115,7 @@ def test_rows_share_budget_and_seed_and_differ_only_in_their_ingredients(demo):
 
 def test_cli_demo_prints_the_table_also_from_the_random_start(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--rows", "baseline", "--steps", "1",
-                 "--backbone", "tiny"]) == 0
+                 "--backbone", "tiny", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert "Precision@1" in printed and "VLM2Vec-style baseline" in printed
     assert all(SHORT[s] in printed for s in SUBSETS)
@@ -106,3 +142,6 @@ def test_demo_on_the_pretrained_start_with_a_from_scratch_row(tmp_path, capsys, 
     assert "--backbone tiny-pretrained" in cli_error(["demo", "--quick", "--out", tmp_path / "x", "--backbone", "tiny",
                                                       "--from-scratch"])
     assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):  # argparse's own usage error
+        main(["demo", "--quick", "--out", str(tmp_path / "y"), "--workers", "-1"])
+    assert "--workers: expected an integer >= 0" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rematch.commands.common import positive_int
+from rematch.commands.common import non_negative_int, positive_int
 from rematch.demo.settings import BACKBONES
 
 
@@ -14,7 +14,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings.create(out=args.out, quick=args.quick, seeds=args.seeds, steps=args.steps,
                                    backbone=args.backbone, from_scratch=args.from_scratch,
-                                   rows=tuple(args.rows) if args.rows else None)
+                                   rows=tuple(args.rows) if args.rows else None, workers=args.workers)
     result = run_demo(settings)
     print()
     print("Precision@1 (hit@1, %) on the built-in shapes world:")
@@ -35,4 +35,7 @@ def register(sub) -> None:
                            "docs/pretraining.md; the default) or the random one (56 px)")
     demo.add_argument("--from-scratch", action="store_true",
                       help="add the full recipe from a random backbone as a row of its own (what pre-training buys)")
+    demo.add_argument("--workers", type=non_negative_int, default=None,
+                      help="rows trained side by side in worker processes (default 0: one per core; 1: in this "
+                           "process, one after another; the numbers are the same either way)")
     demo.set_defaults(func=cmd_demo)

@@ -90,8 +90,9 @@ def prepare_data(settings: DemoSettings, log: Callable[[str], None]) -> Path:
     return root
 
 
-def train_and_evaluate(settings: DemoSettings, row: AblationRow, seed: int, data_root: Path,
-                       log: Callable[[str], None]) -> RunRecord:
+def train_and_evaluate(settings: DemoSettings, row: AblationRow, seed: int, data_root: Path) -> RunRecord:
+    """Fine-tune one (row, seed) and evaluate it (first stage, and reranked when the row trains
+    the matching head). Self-contained, so it runs the same in this process or in a worker."""
     from rematch import ReMatchModel
     from rematch.evaluation.mmeb import evaluate_mmeb_source
     from rematch.training.loop import train
@@ -110,11 +111,56 @@ def train_and_evaluate(settings: DemoSettings, row: AblationRow, seed: int, data
         reranked = evaluate_mmeb_source(model, str(data_root), directory / "eval-rerank", subsets=list(SUBSETS),
                                         cache_dir=settings.out / "cache", plot=False, log=quiet,
                                         rerank=settings.rerank_top, overwrite=True)
-    overall = evaluation["groups"]["overall"]["hit@1"]
-    log(f"  {row.name:<14} seed {seed}: trained {config.train.steps} steps in {train_summary['seconds']:.0f}s "
-        f"({train_summary['samples_per_second']:.1f} samples/s), overall hit@1 {100 * overall:.1f}%"
-        + (f", reranked {100 * reranked['groups']['overall']['hit@1']:.1f}%" if reranked else ""))
     return RunRecord(row.name, seed, directory, train_summary, evaluation, reranked)
+
+
+def record_line(record: RunRecord) -> str:
+    """The terminal's one line for a finished (row, seed)."""
+    overall = record.evaluation["groups"]["overall"]["hit@1"]
+    return (f"  {record.row:<14} seed {record.seed}: trained {record.train['steps']} steps in "
+            f"{record.train['seconds']:.0f}s ({record.train['samples_per_second']:.1f} samples/s), "
+            f"overall hit@1 {100 * overall:.1f}%"
+            + (f", reranked {100 * record.reranked['groups']['overall']['hit@1']:.1f}%" if record.reranked else ""))
+
+
+def run_rows(settings: DemoSettings, data_root: Path, log: Callable[[str], None]) -> list[RunRecord]:
+    """Every (row, seed) of the ablation, in ``settings.worker_count`` processes.
+
+    The rows are independent (own run folder, own seed; the embedding cache is one SQLite
+    file per model), and one tiny model uses one core well but not two
+    (:attr:`DemoSettings.threads`), so on a machine with N cores N rows train side by side,
+    each in a worker process with the same thread count as a sequential run: a row's
+    numbers do not depend on the worker count (tests/test_demo.py checks this). The
+    heaviest rows (multi-token, matching) are handed out first so the workers finish
+    together. Records come back in row order whatever order the rows finish in.
+    """
+    jobs = [(row, seed) for seed in range(settings.seeds) for row in settings.selected_rows()]
+    workers = settings.worker_count(len(jobs))
+    if workers == 1:
+        records = []
+        for row, seed in jobs:
+            records.append(train_and_evaluate(settings, row, seed, data_root))
+            log(record_line(records[-1]))
+        return records
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: a forked child inherits the parent's OpenMP thread pool state mid-use
+    context = multiprocessing.get_context("spawn")
+    records: list[RunRecord | None] = [None] * len(jobs)
+    heaviest_first = sorted(range(len(jobs)), key=lambda i: (-jobs[i][0].cost, i))
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=quiet_process,
+                             initargs=(settings.threads,)) as pool:
+        futures = {pool.submit(train_and_evaluate, settings, jobs[i][0], jobs[i][1], data_root): i
+                   for i in heaviest_first}
+        try:
+            for future in as_completed(futures):
+                records[futures[future]] = future.result()
+                log(record_line(records[futures[future]]))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return records
 
 
 def video_and_page_tasks(settings: DemoSettings, data_root: Path, model_dir: Path) -> dict[str, Any] | None:
@@ -161,17 +207,27 @@ def example_searches(settings: DemoSettings, data_root: Path, model_dir: Path) -
     return searches
 
 
-@contextlib.contextmanager
-def demo_environment(threads: int):
-    """The demo's process settings, put back afterwards: ``threads`` torch threads, and no
+def quiet_process(threads: int) -> tuple[int, bool]:
+    """Set this process up as the demo runs in it: ``threads`` torch threads and no
     weight-loading / shard-writing progress bars from transformers (the terminal shows one
-    line per row instead)."""
+    line per row instead). Returns the previous (threads, bars enabled). Also what every
+    demo worker process runs first."""
     import torch
     from transformers.utils import logging as transformers_logging
 
-    old_threads, bars = torch.get_num_threads(), transformers_logging.is_progress_bar_enabled()
+    previous = torch.get_num_threads(), transformers_logging.is_progress_bar_enabled()
     torch.set_num_threads(threads)
     transformers_logging.disable_progress_bar()
+    return previous
+
+
+@contextlib.contextmanager
+def demo_environment(threads: int):
+    """:func:`quiet_process` for the duration of the block, put back afterwards."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    old_threads, bars = quiet_process(threads)
     try:
         yield
     finally:
@@ -195,11 +251,8 @@ def _run_demo(settings: DemoSettings, log: Callable[[str], None]) -> DemoResult:
     clock = time.perf_counter()
     data_root = prepare_data(settings, log)
     timings["data"] = time.perf_counter() - clock
-    records = []
     clock = time.perf_counter()
-    for seed in range(settings.seeds):
-        for row in settings.selected_rows():
-            records.append(train_and_evaluate(settings, row, seed, data_root, log))
+    records = run_rows(settings, data_root, log)
     timings["train_and_evaluate"] = time.perf_counter() - clock
     clock = time.perf_counter()
     full = [r for r in records if r.row == "full" and r.seed == 0]

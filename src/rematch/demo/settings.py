@@ -13,6 +13,7 @@ random backbone instead.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,18 @@ class AblationRow:
     label: str
     overrides: dict
     uses_matching: bool
+
+    @property
+    def cost(self) -> float:
+        """Relative training time of the row, from what it adds to a step (measured on the
+        pretrained start, README "The demo": 60 s baseline, 80 s with a hard negative, 116 s
+        with matching, 148 s full): a hard negative is one more encoder pass, matching adds
+        the generative passes, K tokens lengthen every sequence. Used to hand the heaviest
+        rows to the demo's workers first."""
+        overrides = self.overrides
+        return (1.0 + 0.3 * bool(overrides.get("loss.hard_negatives"))
+                + 0.6 * (overrides.get("loss.matching", 0) > 0) + 0.3 * (overrides.get("model.num_tokens", 0) > 0)
+                + 0.1 * (overrides.get("loss.orthogonality", 0) > 0))
 
 
 def _cumulative_rows() -> tuple[AblationRow, ...]:
@@ -100,6 +113,9 @@ class DemoSettings:
     """torch threads while the demo runs. One: the tiny model's matrices are too small to gain from
     more, and with two threads a second busy process on a 2-core machine made training steps
     ~20x slower (OpenMP threads waiting on each other); measured in benchmarks/RESULTS.md."""
+    workers: int = 0
+    """Rows trained side by side, each in a worker process with ``threads`` threads; 0: as many
+    as this process's cores allow (two on a 2-core laptop, which halves the demo's time)."""
     rows: tuple[str, ...] = field(default_factory=lambda: tuple(row.name for row in ROWS))
 
     @classmethod
@@ -121,6 +137,8 @@ class DemoSettings:
             settings.image_size = backbone_image_size(settings.backbone)
         if settings.threads < 1:
             raise ValueError(f"threads must be >= 1, got {settings.threads}")
+        if settings.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: one per free core), got {settings.workers}")
         unknown = set(settings.rows) - {row.name for row in ALL_ROWS}
         if unknown:
             raise ValueError(f"unknown ablation rows {sorted(unknown)}; known: {[row.name for row in ALL_ROWS]}")
@@ -130,6 +148,15 @@ class DemoSettings:
             raise ValueError("--from-scratch compares a pretrained start with a random one: use it with "
                              "--backbone tiny-pretrained (the default), not with the random --backbone tiny")
         return settings
+
+    def worker_count(self, jobs: int) -> int:
+        """How many worker processes run ``jobs`` (row, seed) trainings: ``workers``, or with 0
+        the cores this process may run on divided by ``threads``; never more than the jobs."""
+        wanted = self.workers
+        if not wanted:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            wanted = cores // self.threads
+        return max(1, min(wanted, jobs))
 
     def selected_rows(self) -> list[AblationRow]:
         return [row for row in ALL_ROWS if row.name in self.rows]
