@@ -75,6 +75,17 @@ def test_pretrain_resumes_exactly_after_a_kill(tmp_path):
     assert [row["step"] for row in heldout] == [2, 4]  # measured during the run, not repeated by the resume
     assert set(heldout[0]) >= {"colour", "shape", "relation", "true_captions", "foils"}
     assert [row["step"] for row in losses(killed)] == list(range(1, STEPS + 1))
+    # each objective's loss in its own column (they are different quantities), the warm-up's
+    # accuracies beside it
+    rows = losses(reference)
+    assert [row["objective"] for row in rows] == ["answers", "attributes", "attributes", "answers"]
+    for row in rows:
+        assert row[f"{row['objective']}_loss"] == row["loss"]
+        other = "answers" if row["objective"] == "attributes" else "attributes"
+        assert f"{other}_loss" not in row
+        warm_up = {"colour_accuracy", "shape_accuracy", "size_accuracy"}
+        assert warm_up <= set(row) if row["objective"] == "attributes" else not warm_up & set(row)
+        assert all(0 <= row[name] <= 1 for name in warm_up & set(row))
 
     record = json.loads((reference / "model" / RECORD_FILE).read_text())
     assert record["sha256"]["model.safetensors"] == sha256_of(reference / "model" / "model.safetensors")

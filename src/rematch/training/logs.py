@@ -6,7 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 LOSS_TERMS = ("loss", "contrastive", "orthogonality", "matching")
 
@@ -89,14 +89,15 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "training losses") -> Path:
-    """One panel per loss term: raw values faint, moving average solid."""
+def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "training losses",
+                terms: Sequence[str] = LOSS_TERMS) -> Path:
+    """One panel per loss term of ``terms`` that the rows have: raw values faint, moving average solid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = [term for term in LOSS_TERMS if any(term in row for row in rows)]
+    terms = [term for term in terms if any(term in row for row in rows)]
     figure, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
     window = max(1, len(rows) // 20)
     for axis, term in zip(axes[0], terms):

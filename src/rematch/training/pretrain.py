@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rematch.config import ConfigError, ModelConfig, check_optimisation, check_seed, dump_yaml
-from rematch.training.curriculum import Curriculum, CurriculumPhase
+from rematch.training.curriculum import OBJECTIVES, Curriculum, CurriculumPhase
 from rematch.training.generative import GenerativeBatch, GenerativeCollator, answer_loss
 from rematch.training.tower_warmup import AttributeBatch, AttributeCollator, AttributeHeads, attribute_loss
 from rematch.world.pretrain_corpus import (
@@ -378,7 +378,9 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
         for step in range(start_step, last_step):
             step_batch = next(stream)
             module.train()
-            loss = module(step_batch.batch)["loss"]
+            terms = module(step_batch.batch)
+            loss = terms["loss"]
+            objective = "attributes" if isinstance(step_batch.batch, AttributeBatch) else "answers"
             # the mean over all processes (DDP's gradient is its gradient): every rank logs and
             # checks the same number, so all of them stop together on a non-finite loss
             value = float(accelerator.reduce(loss.detach(), "mean")) if accelerator.num_processes > 1 \
@@ -398,8 +400,12 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
             last_loss, last_data_state, done = value, step_batch.data_state, step + 1
             if is_main and (done % train.log_every == 0 or done == train.steps):
                 elapsed = time.perf_counter() - started
-                row: dict[str, Any] = {"step": done, "loss": round(value, 6), "lr": scheduler.get_last_lr()[-1],
+                # the two objectives' losses are different quantities (three cross-entropies summed per
+                # object vs one per answer token): each also gets its own column and plot panel
+                row: dict[str, Any] = {"step": done, "objective": objective, "loss": round(value, 6),
+                                       f"{objective}_loss": round(value, 6), "lr": scheduler.get_last_lr()[-1],
                                        "samples_per_s": round(global_batch * (done - start_step) / elapsed, 3)}
+                row.update(_accuracies(terms, accelerator))
                 if grad_norm is not None:
                     row["grad_norm"] = round(grad_norm, 6)
                 step_log.append(row)
@@ -425,7 +431,8 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
         rows = list(step_log.rows)
         save_pretrained_backbone(unwrapped.backbone, adapter.processor, model_dir, config, rows, seconds)
         if train.plot and rows:
-            plot = plot_losses(rows, out / "loss_curves.png", title="pre-training loss (answer tokens)")
+            plot = plot_losses(rows, out / "loss_curves.png", title="pre-training losses",
+                               terms=[f"{objective}_loss" for objective in OBJECTIVES])
         step_log.close()
         (out / "train_summary.json").write_text(json.dumps({
             "steps": train.steps, "resumed_from": start_step, "seconds": round(seconds, 2),
@@ -435,6 +442,17 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     accelerator.wait_for_everyone()
     return PretrainResult(model_dir=model_dir, steps=last_step, seconds=seconds, final_loss=last_loss,
                           loss_plot=plot)
+
+
+def _accuracies(terms: dict[str, torch.Tensor], accelerator) -> dict[str, float]:
+    """The step's accuracies (the attribute heads' on the tower warm-up's objects), averaged
+    over the processes like the loss, for the step log."""
+    found = {}
+    for name, value in terms.items():
+        if name.endswith("_accuracy"):
+            value = accelerator.reduce(value.detach(), "mean") if accelerator.num_processes > 1 else value
+            found[name] = round(float(value), 4)
+    return found
 
 
 class HeldoutLog:
