@@ -41,6 +41,23 @@ def test_answer_loss_equals_transformers_loss_with_labels():
     assert not torch.isclose(ours, blank), "the images must reach the answer"
 
 
+def test_an_image_placed_last_comes_after_the_question_in_the_sequence():
+    """``data.image_position: last``: the vision block follows the question (so, in a causal
+    model, the image tokens can attend to it) and the answer still ends the row."""
+    config = PretrainConfig(model=PretrainModelConfig(image_size=56))
+    backbone, adapter = build_backbone(config)
+    collator = GenerativeCollator(adapter, config.model.image_size)
+    example = make_example(CorpusSpec(task_weights={"colour": 1.0}, image_position="last"), 0)
+    batch = collator([example, make_example(CorpusSpec(task_weights={"colour": 1.0}), 0)])
+    last, first = (adapter.tokenizer.decode(row[mask.bool()]) for row, mask in zip(batch.input_ids,
+                                                                                   batch.attention_mask))
+    assert last.index(example.prompt) < last.index("<|vision_start|>") < last.rindex(example.answer)
+    assert first.index("<|vision_start|>") < first.index(example.prompt)
+    assert last.count("<|image_pad|>") == first.count("<|image_pad|>")  # the same image, moved
+    with torch.no_grad():
+        assert torch.isfinite(answer_loss(backbone, adapter, batch)["loss"])
+
+
 FILLS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 30)}
 
 

@@ -4,7 +4,6 @@ world with a tiny real model, the output layout, and a SIGKILLed run resuming to
 from __future__ import annotations
 
 import json
-import re
 import os
 import shutil
 import signal

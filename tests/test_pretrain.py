@@ -153,24 +153,31 @@ def test_bad_pretrain_settings_are_one_line_errors(tmp_path, capsys):
     assert main(["pretrain", "--config", CONFIG, "--out", str(tmp_path), "--data.task_weights",
                  "{colours: 1}"]) == 1
     assert "unknown corpus tasks ['colours']" in capsys.readouterr().err
+    assert main(["pretrain", "--config", CONFIG, "--out", str(tmp_path), "--data.image_position", "middle"]) == 1
+    assert "data: unknown image position 'middle'" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a subcommand that does not declare overrides refuses them
         main(["eval", "generative", "--model", "tiny-pretrained", "--train.lr", "1"])
     assert "unrecognized arguments: --train.lr 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family, side", [("qwen2_5_vl", 56), ("qwen3_vl", 64)])
-def test_pretraining_and_its_evaluation_run_on_every_tiny_family(tmp_path, family, side):
+@pytest.mark.parametrize("family, side, image_position", [("qwen2_5_vl", 56, "first"), ("qwen3_vl", 64, "last")])
+def test_pretraining_and_its_evaluation_run_on_every_tiny_family(tmp_path, family, side, image_position):
+    """Each family pre-trains and is evaluated as it was trained: at its image size, with its
+    images before or after the questions (``data.image_position``, recorded with the weights)."""
     from rematch.evaluation.generative import evaluate_generative, load_generative_model
 
     overrides = [f"{key}={value}" for key, value in MINIMAL.items()]
     config = load_pretrain_config(CONFIG, overrides + [f"train.out={tmp_path}", f"model.tiny_family={family}",
-                                                       f"model.image_size={side}", "train.save_every=0"])
+                                                       f"model.image_size={side}", "train.save_every=0",
+                                                       f"data.image_position={image_position}"])
     result = pretrain(config, show_progress=False, log=lambda *_: None)
     assert result.final_loss is not None and math.isfinite(result.final_loss)
     model = load_generative_model(str(result.model_dir))
     assert model.image_size == side and model.backbone.config.model_type == family
+    assert model.image_position == image_position
     scores = evaluate_generative(model, per_type=2)
     assert all(row["n"] == 2 for row in scores["questions"].values())
+    assert scores["image_position"] == image_position
     with pytest.raises(ConfigError, match=f"multiple of {32 if family == 'qwen3_vl' else 28}"):
         load_pretrain_config(CONFIG, overrides + [f"model.tiny_family={family}", f"model.image_size={side + 4}"])
 

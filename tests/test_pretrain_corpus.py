@@ -14,9 +14,11 @@ from rematch.world.pretrain_corpus import (
     FOIL_KINDS,
     LAYOUT_HALF,
     QUESTION_TYPES,
+    IMAGE_MARK,
     CorpusError,
     CorpusSpec,
     example_rng,
+    heldout_examples,
     make_example,
     normalise_answer,
 )
@@ -120,6 +122,27 @@ def test_bad_corpus_settings_are_named():
         CorpusSpec(task_weights={"colours": 1.0}).validate()
     with pytest.raises(CorpusError, match="positive sum"):
         CorpusSpec(task_weights={"colour": 0.0}).validate()
+    with pytest.raises(CorpusError, match="unknown image position 'middle'; choose one of first, last, mixed"):
+        CorpusSpec(image_position="middle").validate()
+    with pytest.raises(ValueError, match="first or last"):
+        heldout_examples(1, image_position="mixed")
+
+
+def test_the_image_position_moves_the_image_and_nothing_else():
+    """``last`` puts the image's mark after the question, ``mixed`` draws it per example (about
+    half), and under every setting example i has the same scene, question and answer."""
+    first, last, mixed = ([make_example(CorpusSpec(image_position=where), i) for i in range(200)]
+                          for where in ("first", "last", "mixed"))
+    for a, b, c in zip(first, last, mixed):
+        assert (a.scene, a.prompt, a.answer, a.kind) == (b.scene, b.prompt, b.answer, b.kind) == \
+            (c.scene, c.prompt, c.answer, c.kind)
+        assert a.text == a.prompt and not a.image_last
+        assert b.image_last and b.text == f"{b.prompt}\n{IMAGE_MARK}"
+    assert 70 <= sum(c.image_last for c in mixed) <= 130
+    assert [c.image_last for c in mixed] == [make_example(CorpusSpec(image_position="mixed"), i).image_last
+                                             for i in range(200)]
+    held = heldout_examples(2, image_position="last")
+    assert all(e.image_last for e in held) and [e.prompt for e in held] == [e.prompt for e in heldout_examples(2)]
 
 
 def test_answers_are_normalised_for_exact_match():

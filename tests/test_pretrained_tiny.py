@@ -117,3 +117,16 @@ def test_eval_generative_on_the_shipped_model(tmp_path, capsys):
     assert questions["shape"]["accuracy"] >= questions["shape"]["chance"] + 0.45, questions["shape"]
     assert questions["colour"]["accuracy"] >= questions["colour"]["chance"] + 0.3, questions["colour"]
     assert questions["size"]["accuracy"] >= questions["size"]["chance"] + 0.25, questions["size"]
+    assert result["image_position"] == "first" and "image before the question" in printed
+
+
+def test_eval_generative_puts_the_image_after_the_question_when_asked(tmp_path, capsys):
+    """For a model pre-trained with ``data.image_position: last``: the same held-out questions,
+    each image after its question."""
+    from rematch.cli import main
+
+    assert main(["eval", "generative", "--model", PRETRAINED_TINY, "--scenes", "2", "--image-position", "last",
+                 "--out", str(tmp_path)]) == 0
+    assert "image after the question" in capsys.readouterr().out
+    result = json.loads((tmp_path / "generative.json").read_text())
+    assert result["image_position"] == "last" and result["questions"]["colour"]["n"] == 2

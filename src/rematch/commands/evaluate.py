@@ -101,7 +101,8 @@ def cmd_generative(args: argparse.Namespace) -> int:
     from rematch.evaluation.generative import evaluate_generative, format_table, load_generative_model, write_result
 
     model = load_generative_model(args.model, image_size=args.image_size, device=args.device)
-    result = evaluate_generative(model, per_type=args.scenes, seed=args.seed, batch_size=args.batch_size)
+    result = evaluate_generative(model, per_type=args.scenes, seed=args.seed, batch_size=args.batch_size,
+                                 image_position=args.image_position)
     print(format_table(result))
     if args.out:
         print(f"written: {write_result(result, args.out)}")
@@ -203,6 +204,9 @@ def register(sub) -> None:
     generative.add_argument("--seed", type=int, default=0, help="seed of the held-out scene stream")
     generative.add_argument("--image-size", type=positive_int, default=None,
                             help="image side in pixels (default: what the model was pre-trained at, else 112)")
+    generative.add_argument("--image-position", choices=("first", "last"), default=None,
+                            help="each image before its question (the chat format's default) or after it (default: "
+                                 "as the model was pre-trained, data.image_position; first for any other model)")
     generative.add_argument("--batch-size", type=positive_int, default=64)
     generative.add_argument("--device", default=None, help="e.g. cuda:1 or cpu (default: cuda when available)")
     generative.add_argument("--out", default=None, help="directory for generative.json")

@@ -32,12 +32,19 @@ class GenerativeModel:
     adapter: Any
     image_size: int
     source: str
+    image_position: str = "first"
+    """Where its pre-training put the image (``data.image_position``; ``first`` for ``mixed``
+    and for any other backbone): what :func:`evaluate_generative` uses unless told otherwise."""
 
 
 def evaluate_generative(model: GenerativeModel, per_type: int = 200, seed: int = 0,
-                        batch_size: int = 64) -> dict[str, Any]:
-    """Accuracy per question type and verification accuracy (true captions, foils, per foil kind)."""
-    examples = heldout_examples(per_type, seed)
+                        batch_size: int = 64, image_position: str | None = None) -> dict[str, Any]:
+    """Accuracy per question type and verification accuracy (true captions, foils, per foil kind).
+    ``image_position`` puts each image before (``first``) or after (``last``) its question;
+    None: as the model was pre-trained (:attr:`GenerativeModel.image_position`). The examples
+    are otherwise the same."""
+    image_position = image_position or model.image_position
+    examples = heldout_examples(per_type, seed, image_position)
     scores = score_examples(model.backbone, model.adapter, examples, model.image_size, batch_size,
                             samples_per_task=3)
 
@@ -53,6 +60,7 @@ def evaluate_generative(model: GenerativeModel, per_type: int = 200, seed: int =
         "split": "heldout",
         "seed": seed,
         "per_type": per_type,
+        "image_position": image_position,
         "questions": questions_result,
         "verification": {"true_captions": true_acc, "foils": foil_acc, "balanced": scores.balanced_verification(),
                          "per_foil_kind": {kind: accuracy(f"foil/{kind}") for kind in FOIL_KINDS}},
@@ -63,7 +71,8 @@ def evaluate_generative(model: GenerativeModel, per_type: int = 200, seed: int =
 def format_table(result: dict[str, Any]) -> str:
     """The result as a plain-text table (what the command prints)."""
     lines = [f"held-out generative evaluation of {result['model']} ({result['image_size']} px, corpus generator "
-             f"v{result['generator_version']}, seed {result['seed']})", "",
+             f"v{result['generator_version']}, seed {result['seed']}, image "
+             f"{'after' if result.get('image_position') == 'last' else 'before'} the question)", "",
              f"{'question type':<26}{'accuracy':>10}{'chance':>9}{'n':>6}"]
     for task, row in result["questions"].items():
         lines.append(f"{task:<26}{_percent(row['accuracy']):>10}{_percent(row['chance']):>9}{row['n']:>6}")
@@ -112,8 +121,10 @@ def load_generative_model(spec: str, image_size: int | None = None, device: str 
         verify_checksums(directory)
     else:
         directory = resolve_model_dir(spec)
-    recorded = read_record(directory).get("image_size") if (Path(directory) / "pretraining.json").is_file() else None
-    side = int(image_size or recorded or 112)
+    record = read_record(directory) if (Path(directory) / "pretraining.json").is_file() else {}
+    side = int(image_size or record.get("image_size") or 112)
+    # a model pre-trained with its images after the questions is asked the same way
+    trained_last = record.get("recipe", {}).get("data", {}).get("image_position") == "last"
     if (Path(directory) / "rematch_config.json").is_file():
         from rematch.model import ReMatchModel
 
@@ -128,4 +139,5 @@ def load_generative_model(spec: str, image_size: int | None = None, device: str 
     if side < adapter.image_factor or side % adapter.image_factor:
         raise ValueError(f"image size must be a multiple of {adapter.image_factor} pixels (the backbone's merged "
                          f"patch), got {side}")
-    return GenerativeModel(backbone=backbone.eval(), adapter=adapter, image_size=side, source=spec)
+    return GenerativeModel(backbone=backbone.eval(), adapter=adapter, image_size=side, source=spec,
+                           image_position="last" if trained_last else "first")

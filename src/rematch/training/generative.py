@@ -55,11 +55,11 @@ class GenerativeCollator:
     def __call__(self, examples: Sequence, with_answers: bool = True) -> GenerativeBatch:
         """``examples`` have ``image(side)``, ``prompt`` and ``answer`` (see
         :class:`rematch.world.pretrain_corpus.Example`)."""
-        adapter, config = self.adapter, self.adapter.config
+        adapter = self.adapter
         texts, images, answer_lengths = [], [], []
         for index, example in enumerate(examples):
             image = adapter.load_image(example.image(self.image_size), f"example {index}")
-            item = Item(text=example.prompt, image=image)
+            item = Item(text=getattr(example, "text", example.prompt), image=image)
             adapter.check_user_text(item, f"example {index}")
             images.append(image)
             prompt = adapter.format_item(item, 0)

@@ -84,6 +84,11 @@ class PretrainDataConfig:
     ``task_weights`` and the train section's scheduler."""
     num_workers: int = 0
     """Threads preparing batches ahead of the step (rendering, tokenisation)."""
+    image_position: str = "first"
+    """Where each example's image goes: ``first`` (before the prompt, as the embedding formats
+    have it), ``last`` (after the question) or ``mixed`` (half and half); see
+    :data:`rematch.world.pretrain_corpus.IMAGE_POSITIONS`. Held-out accuracy during the run
+    puts it last only for ``last``."""
 
 
 @dataclass
@@ -154,7 +159,7 @@ class PretrainConfig:
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(split="pretrain", seed=self.data.seed, task_weights=dict(self.data.task_weights),
-                          object_weights=tuple(self.data.object_weights))
+                          object_weights=tuple(self.data.object_weights), image_position=self.data.image_position)
 
     def curriculum(self) -> Curriculum:
         return Curriculum.from_config(self.corpus_spec(), self.data.phases, self.train.steps, self.train.lr,
@@ -469,7 +474,8 @@ class HeldoutLog:
         from rematch.world.pretrain_corpus import heldout_examples
 
         self.adapter, self.image_size = adapter, config.model.image_size
-        self.examples = heldout_examples(config.train.eval_examples)
+        self.examples = heldout_examples(config.train.eval_examples,
+                                         image_position="last" if config.data.image_position == "last" else "first")
         self.log = StepLog(out, resume_step=resume_step, tensorboard=False, name="heldout")
 
     def measure(self, backbone: nn.Module, step: int) -> str:

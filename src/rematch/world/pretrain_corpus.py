@@ -68,6 +68,14 @@ VERIFY_PROMPT = "Does this caption describe the image? {caption} Answer only Yes
 POSITION_AXES = {"horizontal": ("left", "right"), "vertical": ("top", "bottom")}
 #: A position answer is asked only when the object's centre is this far from the middle line.
 POSITION_MARGIN = 0.125
+#: Where the image goes relative to the prompt: ``first`` (the chat format's default, as the
+#: embedding formats have it), ``last`` (after the question: in a causal language model the
+#: image tokens can then attend to the question, measured to unlock "What colour is the
+#: star?" for the tiny model, docs/pretraining.md) or ``mixed`` (each example draws one, half
+#: and half, from an RNG of its own so the scene and question do not change with the setting).
+IMAGE_POSITIONS = ("first", "last", "mixed")
+#: The marker an item's text uses for its image (:data:`rematch.data.items.IMAGE_PLACEHOLDER`).
+IMAGE_MARK = "<image>"
 
 
 class CorpusError(ValueError):
@@ -87,9 +95,17 @@ class Example:
     kind: str = ""
     object_scale: float = 1.0
     """Objects drawn this many times their size (the curriculum's first phases; 1 elsewhere)."""
+    image_last: bool = False
+    """The image comes after the prompt (see :data:`IMAGE_POSITIONS`)."""
 
     def image(self, side: int) -> Image.Image:
         return render(self.scene, side, self.object_scale)
+
+    @property
+    def text(self) -> str:
+        """The user turn's text as the model reads it: the prompt, with the image's mark after
+        it when the image comes last (before it otherwise, where the chat format puts it)."""
+        return f"{self.prompt}\n{IMAGE_MARK}" if self.image_last else self.prompt
 
 
 @dataclass(frozen=True)
@@ -101,10 +117,15 @@ class CorpusSpec:
     task_weights: dict[str, float] = field(default_factory=lambda: {task: 1.0 for task in TASKS})
     object_weights: Sequence[float] = (1.0, 2.0, 2.0)
     """Relative frequency of scenes with 1, 2 and 3 objects."""
+    image_position: str = "first"
+    """``first``, ``last`` or ``mixed``: where the image goes relative to the prompt (:data:`IMAGE_POSITIONS`)."""
 
     def validate(self) -> None:
         if self.split not in LAYOUT_HALF:
             raise CorpusError(f"unknown corpus split {self.split!r}; choose one of {sorted(LAYOUT_HALF)}")
+        if self.image_position not in IMAGE_POSITIONS:
+            raise CorpusError(f"unknown image position {self.image_position!r}; choose one of "
+                              f"{', '.join(IMAGE_POSITIONS)}")
         unknown = set(self.task_weights) - set(TASKS)
         if unknown:
             raise CorpusError(f"unknown corpus tasks {sorted(unknown)}; known: {', '.join(TASKS)}")
@@ -119,6 +140,15 @@ class CorpusSpec:
 def example_rng(split: str, seed: int, index: int) -> random.Random:
     """The RNG of one example: split name, seed, index and generator version hashed together."""
     return random.Random(f"rematch-world/pretrain-corpus/v{GENERATOR_VERSION}/{split}/{seed}/{index}")
+
+
+def image_comes_last(spec: CorpusSpec, index: int) -> bool:
+    """Whether example ``index`` puts its image after the prompt. ``mixed`` draws from an RNG of
+    its own: the example's scene, question and answer are the same under every setting."""
+    if spec.image_position == "mixed":
+        return random.Random(f"rematch-world/pretrain-corpus/image-position/{spec.split}/{spec.seed}/{index}"
+                             ).random() < 0.5
+    return spec.image_position == "last"
 
 
 def make_example(spec: CorpusSpec, index: int, large_only: bool = False, single_object: bool = False,
@@ -149,7 +179,7 @@ def make_example(spec: CorpusSpec, index: int, large_only: bool = False, single_
         made = writer(scene, rng)
         if made is not None:
             prompt, answer, kind = made
-            return Example(scene, prompt, answer, task, kind, object_scale)
+            return Example(scene, prompt, answer, task, kind, object_scale, image_comes_last(spec, index))
     raise RuntimeError(f"no {task} example found in 1000 scenes (split {spec.split}, index {index})")
 
 
@@ -163,13 +193,17 @@ def scene_example(spec: CorpusSpec, index: int, large_only: bool = False, single
     return Example(scene, "", "", ATTRIBUTES_TASK, "", object_scale)
 
 
-def heldout_examples(per_type: int, seed: int = 0) -> list[Example]:
+def heldout_examples(per_type: int, seed: int = 0, image_position: str = "first") -> list[Example]:
     """``per_type`` examples of every question type, ``per_type`` true captions and
-    ``per_type`` foils to verify, from the ``heldout`` stream (in stream order)."""
+    ``per_type`` foils to verify, from the ``heldout`` stream (in stream order). The scenes,
+    questions and answers do not depend on ``image_position`` (``first`` or ``last``)."""
     if per_type < 1:
         raise ValueError(f"the number of held-out examples per type must be >= 1, got {per_type}")
+    if image_position not in ("first", "last"):
+        raise ValueError(f"held-out examples put the image first or last, not {image_position!r}")
     wanted = {**{task: per_type for task in QUESTION_TYPES}, "verify/true": per_type, "verify/foil": per_type}
-    spec = CorpusSpec(split="heldout", seed=seed, task_weights={task: 1.0 for task in (*QUESTION_TYPES, "verify")})
+    spec = CorpusSpec(split="heldout", seed=seed, task_weights={task: 1.0 for task in (*QUESTION_TYPES, "verify")},
+                      image_position=image_position)
     chosen, index = [], 0
     while any(wanted.values()):
         example = make_example(spec, index)
