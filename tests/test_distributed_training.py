@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from datetime import timedelta
 
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from port_support import free_port
+from process_support import run_with_deadline
 from rematch import ReMatchModel
 from rematch.config import LossConfig, load_config
 from rematch.data.collate import TrainCollator
@@ -109,10 +109,10 @@ def test_torchrun_two_processes_train_the_same_weights_as_one(tmp_path):
                  "--train.save_every", "0", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = tmp_path / "two"
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                "--master_port", str(free_port()), "-m", "rematch.cli", "train",
-                                "--config", "configs/demo-tiny.yaml", "--out", str(two),
-                                "--train.batch_size", str(B), *overrides], env=env, capture_output=True, text=True)
+    completed = run_with_deadline([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", str(free_port()), "-m", "rematch.cli", "train",
+                                   "--config", "configs/demo-tiny.yaml", "--out", str(two),
+                                   "--train.batch_size", str(B), *overrides], env=env, text=True)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("trained 2 steps") == 1  # only the main process reports
     one = tmp_path / "one"

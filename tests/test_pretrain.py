@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from port_support import free_port
+from process_support import run_with_deadline
 from rematch.config import ConfigError
 from rematch.training.checkpoint import TRAINABLE, list_checkpoints
 from rematch.training.loop import NonFiniteLossError
@@ -41,10 +42,9 @@ THREADS = "2"
 
 def run_cli(out: Path, *flags: str, **env: str) -> subprocess.CompletedProcess:
     overrides = [part for key, value in MINIMAL.items() for part in (f"--{key}", value)]
-    return subprocess.run([sys.executable, "-m", "rematch.cli", "pretrain", "--config", CONFIG, "--out", str(out),
-                           "--no-progress", *overrides, *flags],
-                          env=dict(os.environ, OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, **env),
-                          capture_output=True, text=True)
+    return run_with_deadline([sys.executable, "-m", "rematch.cli", "pretrain", "--config", CONFIG, "--out", str(out),
+                              "--no-progress", *overrides, *flags],
+                             env=dict(os.environ, OMP_NUM_THREADS=THREADS, MKL_NUM_THREADS=THREADS, **env), text=True)
 
 
 def losses(out: Path) -> list[dict]:
@@ -190,10 +190,10 @@ def test_torchrun_two_processes_pretrain_as_one_with_the_global_batch(tmp_path):
     settings = {**MINIMAL, "train.save_every": "1", "train.eval_every": "0"}
     two, one = tmp_path / "two", tmp_path / "one"
     overrides = [part for key, value in settings.items() for part in (f"--{key}", value)]
-    completed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                "--master_port", str(free_port()), "-m", "rematch.cli", "pretrain",
-                                "--config", CONFIG, "--out", str(two), "--no-progress", *overrides],
-                               env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    completed = run_with_deadline([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                   "--master_port", str(free_port()), "-m", "rematch.cli", "pretrain",
+                                   "--config", CONFIG, "--out", str(two), "--no-progress", *overrides],
+                                  env=dict(os.environ, OMP_NUM_THREADS="1"), text=True)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count(f"pre-trained {STEPS} steps") == 1  # only the main process reports
     single = {**settings, "train.batch_size": str(2 * int(MINIMAL["train.batch_size"])), "train.out": str(one)}

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from process_support import run_with_deadline
 from rematch.training.checkpoint import MANIFEST, TRAINABLE, latest_checkpoint, list_checkpoints
 
 STEPS = 6
@@ -47,7 +48,7 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(out: Path, resume: bool = False) -> subprocess.CompletedProcess:
-    completed = subprocess.run(cli_command(out, resume), env=run_env(), capture_output=True, text=True)
+    completed = run_with_deadline(cli_command(out, resume), env=run_env(), text=True)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed
 
@@ -103,7 +104,7 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, refe
 
 def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one_and_resumes(tmp_path, reference):
     out = tmp_path / "killed-in-save"
-    completed = subprocess.run(cli_command(out), env=run_env(REMATCH_KILL_DURING_SAVE="4"), capture_output=True)
+    completed = run_with_deadline(cli_command(out), env=run_env(REMATCH_KILL_DURING_SAVE="4"))
     assert completed.returncode == -signal.SIGKILL
     names = [p.name for p in list_checkpoints(out / "checkpoints")]
     assert names == ["step-00000002"]  # step 4 never appeared under its real name

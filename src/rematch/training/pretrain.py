@@ -390,6 +390,7 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
             # checks the same number, so all of them stop together on a non-finite loss
             value = float(accelerator.reduce(loss.detach(), "mean")) if accelerator.num_processes > 1 \
                 else float(loss.detach())
+            accuracies = _accuracies(terms, accelerator)  # a collective: every rank, every step
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"step {step + 1}: the answer loss is {value}; stopping (last finite "
                                          f"loss: {last_loss})")
@@ -410,7 +411,7 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
                 row: dict[str, Any] = {"step": done, "objective": objective, "loss": round(value, 6),
                                        f"{objective}_loss": round(value, 6), "lr": scheduler.get_last_lr()[-1],
                                        "samples_per_s": round(global_batch * (done - start_step) / elapsed, 3)}
-                row.update(_accuracies(terms, accelerator))
+                row.update(accuracies)
                 if grad_norm is not None:
                     row["grad_norm"] = round(grad_norm, 6)
                 step_log.append(row)
@@ -451,7 +452,8 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
 
 def _accuracies(terms: dict[str, torch.Tensor], accelerator) -> dict[str, float]:
     """The step's accuracies (the attribute heads' on the tower warm-up's objects), averaged
-    over the processes like the loss, for the step log."""
+    over the processes like the loss, for the step log. Every rank must call it (the average
+    is a collective), not only the one that writes the log."""
     found = {}
     for name, value in terms.items():
         if name.endswith("_accuracy"):
