@@ -48,6 +48,7 @@ def test_report_has_every_section_and_file(demo):
         assert (out / name).stat().st_size > 0
     assert len(demo.searches) == 2 and all(len(s["hits"]) == 5 for s in demo.searches)
     assert "{" not in report and "TODO" not in report and "nan" not in report.lower()
+    assert "the rows trained by 2 worker processes side by side" in report
 
 
 def test_the_full_model_runs_the_video_and_page_tasks(demo):

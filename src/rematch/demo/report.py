@@ -170,6 +170,11 @@ def _wrap(text: str, width: int = 28) -> str:
     return "\n".join(lines[:6])
 
 
+def _workers(settings: DemoSettings) -> str:
+    count = settings.worker_count(settings.seeds * len(settings.selected_rows()))
+    return "one process, one after another" if count == 1 else f"{count} worker processes side by side"
+
+
 def write_report(settings: DemoSettings, records, data_root: Path, searches: list[dict], timings: dict,
                  seconds: float, command: str, video_and_pages: dict | None = None) -> Path:
     out = settings.out
@@ -194,7 +199,8 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
     lines = [
         "# rematch demo report", "",
         f"Command: `{command}`  ",
-        f"Total time: {seconds / 60:.1f} min on this machine ({_machine()}); "
+        f"Total time: {seconds / 60:.1f} min on this machine ({_machine()}), the rows trained by "
+        f"{_workers(settings)}; "
         + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in timings.items()) + ".", "",
         f"Setting: {_start(settings)}, built-in shapes world "
         f"({settings.train_rows} training rows, one hard negative each), {settings.steps} steps x batch "
