@@ -64,7 +64,7 @@ FILLS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "y
 class _Fill:
     """An image that is one solid colour: the answer is in every image token."""
 
-    prompt = "What colour is the image?"
+    text = "What colour is the image?"
 
     def __init__(self, colour: str):
         self.answer = colour

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from rematch.training.generative import score_examples
-from rematch.world.pretrain_corpus import ANSWERS, FOIL_KINDS, GENERATOR_VERSION, QUESTION_TYPES, heldout_examples
+from rematch.world.pretrain_corpus import (
+    ANSWERS,
+    FOIL_KINDS,
+    GENERATOR_VERSION,
+    QUESTION_TYPES,
+    asked_position,
+    heldout_examples,
+)
 
 #: Chance accuracy of each question type: one over the answers a question allows (a position
 #: question names its two options, "left or right" / "top or bottom").
@@ -124,7 +131,7 @@ def load_generative_model(spec: str, image_size: int | None = None, device: str 
     record = read_record(directory) if (Path(directory) / "pretraining.json").is_file() else {}
     side = int(image_size or record.get("image_size") or 112)
     # a model pre-trained with its images after the questions is asked the same way
-    trained_last = record.get("recipe", {}).get("data", {}).get("image_position") == "last"
+    position = asked_position(record.get("recipe", {}).get("data", {}).get("image_position", "first"))
     if (Path(directory) / "rematch_config.json").is_file():
         from rematch.model import ReMatchModel
 
@@ -140,4 +147,4 @@ def load_generative_model(spec: str, image_size: int | None = None, device: str 
         raise ValueError(f"image size must be a multiple of {adapter.image_factor} pixels (the backbone's merged "
                          f"patch), got {side}")
     return GenerativeModel(backbone=backbone.eval(), adapter=adapter, image_size=side, source=spec,
-                           image_position="last" if trained_last else "first")
+                           image_position=position)

@@ -13,10 +13,8 @@ function of ``(spec, i)`` and a resumed run needs nothing but its index.
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from rematch.config import ConfigError
@@ -113,9 +111,9 @@ class Curriculum:
                     raise ConfigError(f"{where}: an attributes phase trains only the vision tower, so "
                                       "freeze_tower would leave it nothing to train")
             task_weights = dict(phase.task_weights) if phase.objective == "answers" else dict(base.task_weights)
-            spec = dataclasses.replace(base, task_weights=task_weights,
-                                       object_weights=tuple(phase.object_weights if phase.object_weights is not None
-                                                            else base.object_weights))
+            spec = replace(base, task_weights=task_weights,
+                           object_weights=tuple(phase.object_weights if phase.object_weights is not None
+                                                else base.object_weights))
             try:
                 spec.validate()
             except CorpusError as error:

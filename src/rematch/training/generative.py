@@ -53,13 +53,13 @@ class GenerativeCollator:
         self.image_size = image_size
 
     def __call__(self, examples: Sequence, with_answers: bool = True) -> GenerativeBatch:
-        """``examples`` have ``image(side)``, ``prompt`` and ``answer`` (see
-        :class:`rematch.world.pretrain_corpus.Example`)."""
+        """``examples`` have ``image(side)``, ``text`` (the user turn, with its image mark
+        where the image goes) and ``answer`` (see :class:`rematch.world.pretrain_corpus.Example`)."""
         adapter = self.adapter
         texts, images, answer_lengths = [], [], []
         for index, example in enumerate(examples):
             image = adapter.load_image(example.image(self.image_size), f"example {index}")
-            item = Item(text=getattr(example, "text", example.prompt), image=image)
+            item = Item(text=example.text, image=image)
             adapter.check_user_text(item, f"example {index}")
             images.append(image)
             prompt = adapter.format_item(item, 0)

@@ -473,11 +473,11 @@ class HeldoutLog:
 
     def __init__(self, out: Path, resume_step: int, adapter, config: PretrainConfig):
         from rematch.training.logs import StepLog
-        from rematch.world.pretrain_corpus import heldout_examples
+        from rematch.world.pretrain_corpus import asked_position, heldout_examples
 
         self.adapter, self.image_size = adapter, config.model.image_size
-        self.examples = heldout_examples(config.train.eval_examples,
-                                         image_position="last" if config.data.image_position == "last" else "first")
+        self.examples = heldout_examples(config.train.eval_examples, image_position=asked_position(
+            config.data.image_position))
         self.log = StepLog(out, resume_step=resume_step, tensorboard=False, name="heldout")
 
     def measure(self, backbone: nn.Module, step: int) -> str:

@@ -74,6 +74,8 @@ POSITION_MARGIN = 0.125
 #: star?" for the tiny model, docs/pretraining.md) or ``mixed`` (each example draws one, half
 #: and half, from an RNG of its own so the scene and question do not change with the setting).
 IMAGE_POSITIONS = ("first", "last", "mixed")
+#: The orders a question can be asked in (``mixed`` is a training setting, not an order).
+ASKED_POSITIONS = ("first", "last")
 #: The marker an item's text uses for its image (:data:`rematch.data.items.IMAGE_PLACEHOLDER`).
 IMAGE_MARK = "<image>"
 
@@ -142,6 +144,13 @@ def example_rng(split: str, seed: int, index: int) -> random.Random:
     return random.Random(f"rematch-world/pretrain-corpus/v{GENERATOR_VERSION}/{split}/{seed}/{index}")
 
 
+def asked_position(image_position: str) -> str:
+    """The order to ask held-out questions in, for a model trained with ``image_position``:
+    ``last`` only if every training example had its image last (``mixed`` and ``first``
+    models are asked image-first, the order the embedding formats use)."""
+    return "last" if image_position == "last" else "first"
+
+
 def image_comes_last(spec: CorpusSpec, index: int) -> bool:
     """Whether example ``index`` puts its image after the prompt. ``mixed`` draws from an RNG of
     its own: the example's scene, question and answer are the same under every setting."""
@@ -199,7 +208,7 @@ def heldout_examples(per_type: int, seed: int = 0, image_position: str = "first"
     questions and answers do not depend on ``image_position`` (``first`` or ``last``)."""
     if per_type < 1:
         raise ValueError(f"the number of held-out examples per type must be >= 1, got {per_type}")
-    if image_position not in ("first", "last"):
+    if image_position not in ASKED_POSITIONS:
         raise ValueError(f"held-out examples put the image first or last, not {image_position!r}")
     wanted = {**{task: per_type for task in QUESTION_TYPES}, "verify/true": per_type, "verify/foil": per_type}
     spec = CorpusSpec(split="heldout", seed=seed, task_weights={task: 1.0 for task in (*QUESTION_TYPES, "verify")},
