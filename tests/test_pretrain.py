@@ -73,7 +73,7 @@ def test_pretrain_resumes_exactly_after_a_kill(tmp_path):
     assert [row["loss"] for row in losses(killed)] == [row["loss"] for row in losses(reference)]
     heldout = [json.loads(line) for line in (killed / "heldout.jsonl").read_text().splitlines()]
     assert [row["step"] for row in heldout] == [2, 4]  # measured during the run, not repeated by the resume
-    assert set(heldout[0]) >= {"colour", "shape", "relation", "true_captions", "foils"}
+    assert set(heldout[0]) >= {"colour", "shape", "relation", "true_captions", "foils", "verification_auc"}
     assert [row["step"] for row in losses(killed)] == list(range(1, STEPS + 1))
     # each objective's loss in its own column (they are different quantities), the warm-up's
     # accuracies beside it

@@ -112,6 +112,8 @@ def test_eval_generative_on_the_shipped_model(tmp_path, capsys):
     assert verification["true_captions"]["n"] == verification["foils"]["n"] == 40
     for row in [*questions.values(), verification["true_captions"], verification["foils"]]:
         assert 0.0 <= row["accuracy"] <= 1.0
+    assert 0.0 <= verification["auc"] <= 1.0 and "separation (AUC)" in printed
+    assert set(verification["mean_yes_probability"]) == {"true_captions", "foils"}
     # The shipped model sees shape, size and colour (85%, 92.5% and 60% on these 40 scenes when it
     # was built, chance 25%, 50% and 16.7%); verification is near chance (docs/pretraining.md).
     assert questions["shape"]["accuracy"] >= questions["shape"]["chance"] + 0.45, questions["shape"]

@@ -7,7 +7,10 @@ training. Short answers are decoded greedily and compared after normalisation (e
 match); verification reads the two LM-head rows of "Yes" and "No" at the first answer
 position, the score ReMatch's matching head uses, and is reported on true captions and on
 foils separately (and per foil kind), since a model that always says "Yes" gets 50% on a
-balanced mix and 0% on foils.
+balanced mix and 0% on foils. Accuracies threshold p("Yes") at 0.5, so the report adds the
+separation of true captions from foils (ROC AUC, 0.5 = none) and the mean p("Yes") of each:
+a model whose p("Yes") is 0.505 for every caption has not learned to verify, whatever
+side of 0.5 its accuracies fall on.
 """
 
 from __future__ import annotations
@@ -70,7 +73,10 @@ def evaluate_generative(model: GenerativeModel, per_type: int = 200, seed: int =
         "image_position": image_position,
         "questions": questions_result,
         "verification": {"true_captions": true_acc, "foils": foil_acc, "balanced": scores.balanced_verification(),
-                         "per_foil_kind": {kind: accuracy(f"foil/{kind}") for kind in FOIL_KINDS}},
+                         "per_foil_kind": {kind: accuracy(f"foil/{kind}") for kind in FOIL_KINDS},
+                         "auc": scores.verification_auc(),
+                         "mean_yes_probability": {"true_captions": scores.mean_yes_probability("verify/true"),
+                                                  "foils": scores.mean_yes_probability("verify/foil")}},
         "samples": dict(scores.samples),
     }
 
@@ -90,6 +96,10 @@ def format_table(result: dict[str, Any]) -> str:
     for name, row in rows:
         lines.append(f"{name:<26}{_percent(row['accuracy']):>10}{'':>9}{row['n']:>6}")
     lines.append(f"{'balanced (true + foils)/2':<26}{_percent(verification['balanced']):>10}")
+    if verification.get("auc") is not None:  # results written before it was measured lack it
+        mean_yes = verification["mean_yes_probability"]
+        lines.append(f"{'separation (AUC)':<26}{verification['auc']:>10.3f}{'0.500':>9}"
+                     f"   mean p(Yes): true {mean_yes['true_captions']:.3f}, foils {mean_yes['foils']:.3f}")
     return "\n".join(lines)
 
 

@@ -167,6 +167,9 @@ class ExampleScores:
 
     correct: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
     samples: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
+    yes_probability: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    """p("Yes") of each verification (softmax over the "Yes"/"No" rows), under ``verify/true``
+    and ``verify/foil``: what the accuracies threshold at 0.5."""
 
     def accuracy(self, key: str) -> float | None:
         values = self.correct.get(key, [])
@@ -176,6 +179,29 @@ class ExampleScores:
         """(true captions + foils) / 2: 0.5 for a model that always says "Yes" (or "No")."""
         true, foils = self.accuracy("verify/true"), self.accuracy("verify/foil")
         return None if true is None or foils is None else round((true + foils) / 2, 4)
+
+    def verification_auc(self) -> float | None:
+        """How often a true caption gets a higher p("Yes") than a foil (ties count half).
+
+        Accuracies at a 0.5 threshold can look like a biased verifier that works (87% of true
+        captions, 16% of foils) while p("Yes") is 0.505 for every caption; this does not
+        depend on a threshold: 0.5 is no separation at all, 1.0 a perfect one."""
+        true, foils = self.yes_probability.get("verify/true"), self.yes_probability.get("verify/foil")
+        return None if not true or not foils else round(separation_auc(true, foils), 4)
+
+    def mean_yes_probability(self, key: str) -> float | None:
+        values = self.yes_probability.get(key, [])
+        return round(sum(values) / len(values), 4) if values else None
+
+
+def separation_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """The area under the ROC curve of scores that should rank ``positives`` above ``negatives``:
+    the share of (positive, negative) pairs ordered right, a tie counting half (Mann-Whitney U)."""
+    if not positives or not negatives:
+        raise ValueError("separation_auc needs at least one positive and one negative score")
+    high = torch.as_tensor(positives, dtype=torch.float64)[:, None]
+    low = torch.as_tensor(negatives, dtype=torch.float64)[None, :]
+    return float((high > low).double().mean() + 0.5 * (high == low).double().mean())
 
 
 def score_examples(backbone: nn.Module, adapter, examples: Sequence, image_size: int, batch_size: int = 64,
@@ -211,9 +237,13 @@ def score_examples(backbone: nn.Module, adapter, examples: Sequence, image_size:
                                    yes_id, no_id)
             if not torch.isfinite(logits).all():
                 raise FloatingPointError("non-finite Yes/No logits: the model's weights are damaged")
-            for example, says_yes in zip(chunk, (logits[:, 0] > logits[:, 1]).tolist()):
+            yes_probabilities = torch.softmax(logits.double(), dim=-1)[:, 0].tolist()
+            for example, says_yes, yes_probability in zip(chunk, (logits[:, 0] > logits[:, 1]).tolist(),
+                                                          yes_probabilities):
                 right = says_yes == (example.answer == "Yes")
-                scores.correct["verify/true" if example.kind == "true" else "verify/foil"].append(right)
+                key = "verify/true" if example.kind == "true" else "verify/foil"
+                scores.correct[key].append(right)
+                scores.yes_probability[key].append(yes_probability)
                 if example.kind != "true":
                     scores.correct[f"foil/{example.kind}"].append(right)
     finally:

@@ -465,7 +465,8 @@ def _accuracies(terms: dict[str, torch.Tensor], accelerator) -> dict[str, float]
 class HeldoutLog:
     """Held-out accuracy during a run (``train.eval_every``), one row per measurement in
     ``heldout.jsonl`` / ``heldout.csv``: the accuracy of each question type and of
-    verification on true captions and on foils, as ``rematch eval generative`` computes it.
+    verification on true captions and on foils and how well p("Yes") separates them
+    (``verification_auc``), as ``rematch eval generative`` computes them.
 
     The examples are the ``heldout`` split's first ``train.eval_examples`` per type, the same
     at every measurement, so the rows are comparable along the run.
@@ -486,10 +487,13 @@ class HeldoutLog:
 
         scores = score_examples(backbone, self.adapter, self.examples, self.image_size)
         row = {"step": step, **{task: scores.accuracy(task) for task in QUESTION_TYPES},
-               "true_captions": scores.accuracy("verify/true"), "foils": scores.accuracy("verify/foil")}
+               "true_captions": scores.accuracy("verify/true"), "foils": scores.accuracy("verify/foil"),
+               "verification_auc": scores.verification_auc()}
         self.log.append(row)
-        return f"step {step} held-out accuracy: " + ", ".join(
-            f"{key} {100 * value:.0f}%" for key, value in row.items() if key != "step" and value is not None)
+        accuracies = ", ".join(f"{key} {100 * value:.0f}%" for key, value in row.items()
+                               if key not in ("step", "verification_auc") and value is not None)
+        auc = row["verification_auc"]
+        return f"step {step} held-out accuracy: {accuracies}" + ("" if auc is None else f"; verification AUC {auc:.2f}")
 
     def close(self) -> None:
         self.log.close()
