@@ -75,6 +75,19 @@ def test_every_table_number_comes_from_an_evaluation_run(demo):
         assert all(re.fullmatch(r"\d+\.\d", cell) for cell in table[row.label])
 
 
+def test_the_rerank_table_says_where_each_matching_loss_ended(demo):
+    """Reranking is read beside the matching loss it was trained to (ln 2: a head at chance)."""
+    section = demo.report.read_text().split("## Reranking the top 2", 1)[1].split("\n## ", 1)[0]
+    cells = {row[0]: row[1:] for row in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                         for line in section.splitlines() if line.startswith("| "))}
+    assert cells["row"][-1] == "matching loss" and "ln 2 = 0.693" in section
+    reranked = [row for row in ROWS if row.uses_matching]
+    assert reranked
+    for row in reranked:
+        record = next(r for r in demo.records if r.row == row.name)
+        assert cells[row.label][-1] == f"{record.train['final_losses']['matching']:.3f}", row.name
+
+
 def test_a_row_measures_the_same_in_a_worker_process_as_in_this_one(demo, tmp_path):
     """Rows trained side by side in worker processes give the numbers a one-after-another run
     gives (same seeds, same thread count), come back in row order, and each prints its one line."""

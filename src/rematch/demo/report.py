@@ -6,6 +6,7 @@ summaries, the index searches); nothing here is typed in.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +33,11 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
 def format_cell(values: Sequence[float]) -> str:
     mean, spread = mean_spread(values)
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {spread:.1f}"
+
+
+def format_loss(values: Sequence[float]) -> str:
+    mean, spread = mean_spread(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {spread:.3f}"
 
 
 def table(records, rows, metric: str = "hit@1", which: str = "evaluation") -> list[list[str]]:
@@ -189,7 +195,9 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
         if runs:
             first = [format_cell([score(r.evaluation, c) for r in runs]) for c in (*COMPOSITIONAL, "overall")]
             second = [format_cell([score(r.reranked, c) for r in runs]) for c in (*COMPOSITIONAL, "overall")]
-            rerank_lines.append([row.label] + [f"{a} -> {b}" for a, b in zip(first, second)])
+            matching = [r.train["final_losses"]["matching"] for r in runs if "matching" in r.train["final_losses"]]
+            rerank_lines.append([row.label] + [f"{a} -> {b}" for a, b in zip(first, second)]
+                                + [format_loss(matching) if matching else "-"])
     loss_plot = plot_loss_curves(records, out / "loss_curves.png")
     full = next((r for r in records if r.row == "full" and r.seed == 0), None)
     example_plot = plot_retrieval_examples(full.directory / "model", data_root, out / "retrieval_examples.png") \
@@ -231,7 +239,11 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
     if rerank_lines:
         lines += [f"## Reranking the top {settings.rerank_top} with the matching head (hit@1 %, first stage -> "
                   "reranked)", "",
-                  markdown_table(["row", *(SHORT[c] for c in (*COMPOSITIONAL, "overall"))], rerank_lines), ""]
+                  markdown_table(["row", *(SHORT[c] for c in (*COMPOSITIONAL, "overall")), "matching loss"],
+                                 rerank_lines), "",
+                  f"Matching loss: the row's matching loss at its last training step. ln 2 = {math.log(2):.3f} is "
+                  "a head that cannot tell a relevant document from a hard negative (p(Yes) = 0.5 for both); "
+                  "reranking with such a head reorders the candidates by noise.", ""]
     lines += ["## Training and evaluation throughput", "",
               markdown_table(["row", "seed", "train s", "samples/s", "final losses", "eval items/s"],
                              [[r.row, str(r.seed), f"{r.train['seconds']:.0f}", f"{r.train['samples_per_second']:.1f}",
