@@ -29,7 +29,7 @@ from rematch import ReMatchModel
 from rematch.backbones.pretrained_tiny import PRETRAINED_TINY
 from rematch.data.items import Item
 from rematch.retrieval.rerank import matching_probabilities
-from rematch.training.generative import separation_auc
+from rematch.training.generative import ExampleScores
 from rematch.world.pretrain_corpus import VERIFY_PROMPT, Example, heldout_examples
 
 
@@ -53,19 +53,21 @@ def main() -> None:
     fields = {"matching_instruction": args.instruction} if args.instruction else {}
     model = (ReMatchModel.tiny(pretrained=True, **fields) if args.model == PRETRAINED_TINY
              else ReMatchModel.from_backbone(args.model, **fields))
-    yes = {"true": [], "foil": []}
+    scores = ExampleScores()  # scored as `rematch eval generative` scores its own prompt
     for example in (e for e in heldout_examples(args.scenes) if e.task == "verify"):
-        p_yes = matching_probabilities(model, Item(image=example.image(args.image_size)),
-                                       [Item(text=caption_of(example))], views="raw")[0]
-        yes["true" if example.kind == "true" else "foil"].append(float(p_yes))
-    true, foils = yes["true"], yes["foil"]
+        p_yes = float(matching_probabilities(model, Item(image=example.image(args.image_size)),
+                                             [Item(text=caption_of(example))], views="raw")[0])
+        key = "verify/true" if example.kind == "true" else "verify/foil"
+        scores.correct[key].append((p_yes > 0.5) == (example.answer == "Yes"))
+        scores.yes_probability[key].append(p_yes)
     print(json.dumps({
-        "model": args.model, "captions": {"true": len(true), "foils": len(foils)},
-        "true_captions_yes": round(sum(p > 0.5 for p in true) / len(true), 4),
-        "foils_no": round(sum(p <= 0.5 for p in foils) / len(foils), 4),
-        "mean_yes_probability": {"true_captions": round(sum(true) / len(true), 4),
-                                 "foils": round(sum(foils) / len(foils), 4)},
-        "separation_auc": round(separation_auc(true, foils), 4),
+        "model": args.model,
+        "captions": {"true": len(scores.correct["verify/true"]), "foils": len(scores.correct["verify/foil"])},
+        "true_captions_yes": scores.accuracy("verify/true"),
+        "foils_no": scores.accuracy("verify/foil"),
+        "mean_yes_probability": {"true_captions": scores.mean_yes_probability("verify/true"),
+                                 "foils": scores.mean_yes_probability("verify/foil")},
+        "separation_auc": scores.verification_auc(),
     }, indent=2))
 
 

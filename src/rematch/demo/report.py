@@ -30,14 +30,10 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def format_cell(values: Sequence[float]) -> str:
+def format_cell(values: Sequence[float], digits: int = 1) -> str:
+    """The mean over seeds, with the spread when there is more than one (scores: 1 digit, losses: 3)."""
     mean, spread = mean_spread(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {spread:.1f}"
-
-
-def format_loss(values: Sequence[float]) -> str:
-    mean, spread = mean_spread(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {spread:.3f}"
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
 def table(records, rows, metric: str = "hit@1", which: str = "evaluation") -> list[list[str]]:
@@ -197,7 +193,7 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
             second = [format_cell([score(r.reranked, c) for r in runs]) for c in (*COMPOSITIONAL, "overall")]
             matching = [r.train["final_losses"]["matching"] for r in runs if "matching" in r.train["final_losses"]]
             rerank_lines.append([row.label] + [f"{a} -> {b}" for a, b in zip(first, second)]
-                                + [format_loss(matching) if matching else "-"])
+                                + [format_cell(matching, digits=3) if matching else "-"])
     loss_plot = plot_loss_curves(records, out / "loss_curves.png")
     full = next((r for r in records if r.row == "full" and r.seed == 0), None)
     example_plot = plot_retrieval_examples(full.directory / "model", data_root, out / "retrieval_examples.png") \

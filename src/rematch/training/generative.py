@@ -172,8 +172,7 @@ class ExampleScores:
     and ``verify/foil``: what the accuracies threshold at 0.5."""
 
     def accuracy(self, key: str) -> float | None:
-        values = self.correct.get(key, [])
-        return round(sum(values) / len(values), 4) if values else None
+        return _rounded_mean(self.correct.get(key, []))
 
     def balanced_verification(self) -> float | None:
         """(true captions + foils) / 2: 0.5 for a model that always says "Yes" (or "No")."""
@@ -190,8 +189,12 @@ class ExampleScores:
         return None if not true or not foils else round(separation_auc(true, foils), 4)
 
     def mean_yes_probability(self, key: str) -> float | None:
-        values = self.yes_probability.get(key, [])
-        return round(sum(values) / len(values), 4) if values else None
+        return _rounded_mean(self.yes_probability.get(key, []))
+
+
+def _rounded_mean(values: Sequence[float]) -> float | None:
+    """The mean to four places (None for no values): how every score of this module is reported."""
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def separation_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
