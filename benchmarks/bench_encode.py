@@ -33,7 +33,7 @@ from rematch import ReMatchModel
 from rematch.backbones.tiny import count_parameters
 from rematch.data.images import load_image_for_model
 from rematch.data.items import Item, as_items
-from rematch.data.synthetic import COLOURS, SHAPES, Scene, ShapeObject, caption, render
+from rematch.world.scenes import COLOURS, SHAPES, Scene, ShapeObject, caption, render
 
 
 def make_items(count: int, image_size: int, folder: Path, seed: int = 0) -> list[Item]:
@@ -120,7 +120,7 @@ def main() -> None:
 
     family = args.family or ("qwen2_5_vl" if args.backbone_size in ("3b", "7b") else "qwen2_vl")
     max_pixels = max(448 * 448, args.image_size ** 2)
-    model = ReMatchModel.tiny(size=args.backbone_size, backbone=family, k=args.k, dtype=args.dtype,
+    model = ReMatchModel.tiny(size=args.backbone_size, backbone=family, num_tokens=args.k, dtype=args.dtype,
                               max_pixels=max_pixels, device=args.device).eval()
     with tempfile.TemporaryDirectory() as folder:
         items = as_items(make_items(args.items, args.image_size, Path(folder)))

@@ -27,15 +27,15 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
     from rematch.config import LossConfig
-    from rematch.data.collate import TrainCollator
+    from rematch.training.collate import TrainCollator
     from rematch.data.mmeb import open_train_source
-    from rematch.data.shapes_tasks import write_shapes_dataset
+    from rematch.world.tasks import write_shapes_dataset
     from rematch.model import ReMatchModel
     from rematch.training.gradcache import GradCache
     from rematch.training.step import ReMatchTrainingModule
 
     family = "qwen2_5_vl" if args.backbone_size in ("3b", "7b") else "qwen2_vl"
-    model = ReMatchModel.tiny(size=args.backbone_size, backbone=family, k=16, dtype=args.dtype,
+    model = ReMatchModel.tiny(size=args.backbone_size, backbone=family, num_tokens=16, dtype=args.dtype,
                               max_pixels=max(448 * 448, args.image_size ** 2), device=args.device)
     module = ReMatchTrainingModule(model, LossConfig(matching=0.1, matching_samples=args.matching_samples))
     cuda = args.device.startswith("cuda")

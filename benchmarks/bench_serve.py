@@ -32,7 +32,7 @@ from datetime import date
 import httpx
 import numpy as np
 
-from rematch.data.synthetic import COLOURS, SHAPES, Scene, ShapeObject, caption, render
+from rematch.world.scenes import COLOURS, SHAPES, Scene, ShapeObject, caption, render
 
 VARIANTS = (("dynamic batching", ["--max-batch", "32", "--max-wait-ms", "5"]),
             ("one at a time", ["--max-batch", "1", "--max-wait-ms", "0"]))

@@ -24,7 +24,7 @@ CHILD = r"""
 import sys, time, torch
 from pathlib import Path
 from rematch.config import apply_overrides
-from rematch.data.shapes_tasks import write_shapes_dataset
+from rematch.world.tasks import write_shapes_dataset
 from rematch.demo.pipeline import row_config
 from rematch.demo.settings import ROWS, DemoSettings
 threads, steps, backbone, work = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])

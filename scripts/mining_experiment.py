@@ -83,7 +83,7 @@ def main() -> None:
 
     world = out / "world"
     if not (world / "manifest.json").is_file():
-        from rematch.data.shapes_tasks import write_shapes_dataset
+        from rematch.world.tasks import write_shapes_dataset
 
         write_shapes_dataset(world, train_rows=args.train_rows, eval_queries=args.eval_queries, seed=0,
                              num_candidates=args.candidates, image_size=56)

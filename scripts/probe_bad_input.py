@@ -335,20 +335,20 @@ cli("encode-missing-required", "global", "encode --model {M}", fragments=("--inp
 cli("unknown-flag", "global", "encode --model {M} --input {E} --out {W}/v.npy --bogus 1", fragments=("--bogus",))
 
 # ---------------------------------------------------------------- tiny
-cli("tiny-ok", "tiny", "tiny --out {W}/m --k 2", expect="ok", check=file_exists("m/rematch_config.json"))
-cli("tiny-over-user-folder", "tiny", "tiny --out {U} --k 2", fragments=("refusing",))
-cli("tiny-over-user-file", "tiny", "tiny --out {U}/notes.txt --k 2", fragments=("notes.txt",))
-cli("tiny-k-negative", "tiny", "tiny --out {W}/m --k -1", fragments=("--k",))
-cli("tiny-k-huge", "tiny", "tiny --out {W}/m --k 1000000000", fragments=("k",))
-cli("tiny-k-zero", "tiny", "tiny --out {W}/m --k 0", expect="either", check=file_exists("m/rematch_config.json"))
-cli("tiny-seed-negative", "tiny", "tiny --out {W}/m --k 2 --seed -1", expect="either",
+cli("tiny-ok", "tiny", "tiny --out {W}/m --num-tokens 2", expect="ok", check=file_exists("m/rematch_config.json"))
+cli("tiny-over-user-folder", "tiny", "tiny --out {U} --num-tokens 2", fragments=("refusing",))
+cli("tiny-over-user-file", "tiny", "tiny --out {U}/notes.txt --num-tokens 2", fragments=("notes.txt",))
+cli("tiny-k-negative", "tiny", "tiny --out {W}/m --num-tokens -1", fragments=("--num-tokens",))
+cli("tiny-k-huge", "tiny", "tiny --out {W}/m --num-tokens 1000000000", fragments=("k",))
+cli("tiny-k-zero", "tiny", "tiny --out {W}/m --num-tokens 0", expect="either", check=file_exists("m/rematch_config.json"))
+cli("tiny-seed-negative", "tiny", "tiny --out {W}/m --num-tokens 2 --seed -1", expect="either",
     check=file_exists("m/rematch_config.json"))
-cli("tiny-seed-overflow", "tiny", "tiny --out {W}/m --k 2 --seed 1000000000000000000000", fragments=("seed",))
-cli("tiny-out-empty-string", "tiny", "tiny --out '' --k 2", cwd_user=True)
-cli("tiny-out-dev-null", "tiny", "tiny --out /dev/null --k 2")
-cli("tiny-out-below-a-file", "tiny", "tiny --out {U}/notes.txt/m --k 2", fragments=("notes.txt",))
-cli("tiny-out-readonly", "tiny", "tiny --out /proc/m --k 2", fragments=("/proc",))
-cli("tiny-out-unicode", "tiny", "tiny --out {W}/módel-模型 --k 2", expect="ok",
+cli("tiny-seed-overflow", "tiny", "tiny --out {W}/m --num-tokens 2 --seed 1000000000000000000000", fragments=("seed",))
+cli("tiny-out-empty-string", "tiny", "tiny --out '' --num-tokens 2", cwd_user=True)
+cli("tiny-out-dev-null", "tiny", "tiny --out /dev/null --num-tokens 2")
+cli("tiny-out-below-a-file", "tiny", "tiny --out {U}/notes.txt/m --num-tokens 2", fragments=("notes.txt",))
+cli("tiny-out-readonly", "tiny", "tiny --out /proc/m --num-tokens 2", fragments=("/proc",))
+cli("tiny-out-unicode", "tiny", "tiny --out {W}/módel-模型 --num-tokens 2", expect="ok",
     check=file_exists("módel-模型/rematch_config.json"))
 
 # ---------------------------------------------------------------- encode: files
@@ -829,9 +829,9 @@ api("api-encode-pil-cmyk", PRELUDE + "from PIL import Image\nv = m.encode([{'ima
 api("api-encode-empty-list", PRELUDE + "v = m.encode([])\nassert_silent(v.shape[0] == 0, 'shape ' + str(v.shape))",
     expect="either")
 api("api-encode-generator", PRELUDE + "v = m.encode(t for t in ['a', 'b'])\ncheck_vectors(v, 2)", expect="ok")
-api("api-tiny-k-negative", "from rematch import ReMatchModel; ReMatchModel.tiny(k=-1)")
+api("api-tiny-k-negative", "from rematch import ReMatchModel; ReMatchModel.tiny(num_tokens=-1)")
 api("api-tiny-size-bogus", "from rematch import ReMatchModel; ReMatchModel.tiny(size='huge')")
-api("api-tiny-max-pixels-zero", "from rematch import ReMatchModel; ReMatchModel.tiny(k=2, max_pixels=0)")
+api("api-tiny-max-pixels-zero", "from rematch import ReMatchModel; ReMatchModel.tiny(num_tokens=2, max_pixels=0)")
 api("api-from-pretrained-expect-k", "from rematch import ReMatchModel; ReMatchModel.from_pretrained(M, num_tokens=9)")
 api("api-from-pretrained-missing", "from rematch import ReMatchModel; ReMatchModel.from_pretrained(W + '/nope')")
 api("api-save-over-user-folder", PRELUDE + "m.save_pretrained(U)")
@@ -849,7 +849,7 @@ api("api-rerank-negative", PRELUDE + "from rematch.retrieval.index import Index\
     "Index.load(I, model=m).search(['a'], rerank=-2)")
 api("api-load-config-bad-yaml", "from rematch.config import load_config\nPath(W, 'c.yaml').write_text('a: [1\\n')\n"
     "load_config(W + '/c.yaml')")
-api("api-write-shapes-negative", "from rematch.data.shapes_tasks import write_shapes_dataset\n"
+api("api-write-shapes-negative", "from rematch.world.tasks import write_shapes_dataset\n"
     "write_shapes_dataset(W + '/s', train_rows=-1, eval_queries=-1)")
 
 API_HARNESS = r'''

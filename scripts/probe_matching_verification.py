@@ -29,7 +29,7 @@ from rematch import ReMatchModel
 from rematch.backbones.pretrained_tiny import PRETRAINED_TINY
 from rematch.data.items import Item
 from rematch.retrieval.rerank import matching_probabilities
-from rematch.training.generative import ExampleScores
+from rematch.training.answers import ExampleScores
 from rematch.world.pretrain_corpus import VERIFY_PROMPT, Example, heldout_examples
 
 

@@ -23,7 +23,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from rematch.data.synthetic import COLOURS, SHAPES
+from rematch.world.scenes import COLOURS, SHAPES
 from rematch.evaluation.generative import load_generative_model
 from rematch.training.tower_warmup import AttributeCollator
 from rematch.world.pretrain_corpus import CorpusSpec, scene_example

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from rematch import ReMatchModel
-from rematch.data.synthetic import Scene, ShapeObject, render
+from rematch.world.scenes import Scene, ShapeObject, render
 
 torch.set_num_threads(2)
 
@@ -76,12 +76,12 @@ def no_leaked_global_state():
 
 @pytest.fixture(scope="session")
 def tiny_model() -> ReMatchModel:
-    return ReMatchModel.tiny(size="tiny", backbone="qwen2_vl", k=16, seed=0)
+    return ReMatchModel.tiny(size="tiny", backbone="qwen2_vl", num_tokens=16, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_25() -> ReMatchModel:
-    return ReMatchModel.tiny(size="tiny", backbone="qwen2_5_vl", k=16, seed=0)
+    return ReMatchModel.tiny(size="tiny", backbone="qwen2_5_vl", num_tokens=16, seed=0)
 
 
 @pytest.fixture(scope="session")

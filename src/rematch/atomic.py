@@ -7,6 +7,7 @@ build, evaluation or training run resume by trusting whatever it finds.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -121,3 +122,12 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256 hex digest, read in 1 MiB chunks (checksums of shipped and saved files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

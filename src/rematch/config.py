@@ -20,6 +20,16 @@ from typing import Any, Mapping, Sequence, TypeVar
 import yaml
 
 ROLES = ("query", "document")
+#: ModelConfig.video_sampling values (rematch.data.video.SAMPLING_RULES).
+VIDEO_SAMPLING_RULES = ("fps", "mmeb_v2")
+#: ModelConfig.target_prompt_style values (rematch.instructions).
+TARGET_PROMPT_STYLES = ("b3", "system")
+#: ModelConfig fields added after models were saved, with the value a model saved before the
+#: field existed behaves as. Loading fills them in (a ``rematch_config.json`` without the field
+#: keeps encoding as it was trained), and a model's fingerprint leaves a field out while it has
+#: this value, so indexes and caches of those models keep matching them.
+SAVED_BEFORE: dict[str, Any] = {"video_fps": 1.0, "video_max_frames": 16, "video_max_pixels": None,
+                                "video_sampling": "fps", "target_prompt_style": "system"}
 
 T = TypeVar("T")
 
@@ -62,6 +72,10 @@ class ModelConfig:
     video_max_frames: int = 16
     """At most this many frames per video (uniformly spread); an odd count gets its last frame
     repeated, since the vision tower merges frames two by two."""
+    video_sampling: str = "fps"
+    """Which frames of a video are taken: "fps" (``video_fps``, at most ``video_max_frames``) or
+    "mmeb_v2" (the MMEB-V2 harness's ``np.linspace(0, n - 1, video_max_frames, dtype=int)`` over
+    the saved frames; what ``eval mmeb-v2`` switches to). See rematch.data.video."""
     video_max_pixels: int | None = None
     """Per-frame pixel budget of a video (frames are resized like images, sides multiples of the
     tower's patch x merge size); None: ``max_pixels``."""
@@ -96,7 +110,16 @@ class ModelConfig:
     baseline. See :mod:`rematch.instructions`."""
     document_instruction_table: dict[str, str] = field(default_factory=dict)
     """Subset -> document instruction, over the built-in table (key "*": subsets not named).
-    A model stores its complete table, so it encodes documents the way it was trained."""
+    A model stores its complete table, so it encodes documents the way it was trained.
+    Used by the "system" target prompt style."""
+    target_prompt_style: str = "b3"
+    """How documents get their target instruction (with ``document_instructions`` on):
+    "b3" (B3's public recipe: an inline prefix on text-only documents by the subset's category,
+    "Represent the class label: " / "Represent the answer: " / "Represent the image caption: ",
+    none on documents with an image or video) or "system" (the subset's sentence from
+    ``document_instruction_table`` in the system turn of every document). Models saved before
+    this setting existed load as "system", which is how they were trained. See
+    rematch.instructions."""
 
     @property
     def frame_max_pixels(self) -> int:
@@ -122,6 +145,12 @@ class ModelConfig:
             raise ConfigError(f"model.video_fps must be a number > 0, got {self.video_fps!r}")
         if self.video_max_frames < 1:
             raise ConfigError(f"model.video_max_frames must be >= 1, got {self.video_max_frames}")
+        if self.video_sampling not in VIDEO_SAMPLING_RULES:
+            raise ConfigError(f"model.video_sampling must be one of {', '.join(VIDEO_SAMPLING_RULES)}, got "
+                              f"{self.video_sampling!r}")
+        if self.target_prompt_style not in TARGET_PROMPT_STYLES:
+            raise ConfigError(f"model.target_prompt_style must be one of {', '.join(TARGET_PROMPT_STYLES)}, got "
+                              f"{self.target_prompt_style!r}")
         if self.video_max_pixels is not None and self.video_max_pixels < max(1, self.min_pixels):
             raise ConfigError(f"model.video_max_pixels ({self.video_max_pixels}) must be >= model.min_pixels "
                               f"({self.min_pixels}) and >= 1 (or null: model.max_pixels)")
@@ -222,16 +251,21 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 
 
 @dataclass
-class TrainConfig:
-    """How long and how to optimise."""
+class LoopConfig:
+    """The ``train`` section every run of the training loop has (``rematch train`` and
+    ``rematch pretrain``, :mod:`rematch.training.runner`): how long and how to optimise, and
+    how the run directory is logged, checkpointed and reused.
+
+    One base so a setting means the same thing, and is checked the same way, in both
+    commands; each command's section derives from it, adds its own settings and may give
+    these other defaults.
+    """
 
     out: str = "runs/rematch"
     steps: int = 300
     batch_size: int = 8
     """Samples per process per step (the global batch is batch_size x processes)."""
     lr: float = 1e-4
-    head_lr: float | None = None
-    """Learning rate of the learnable tokens and projector (default: lr)."""
     weight_decay: float = 0.0
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
@@ -239,12 +273,6 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     """no, bf16 or fp16 (accelerate's autocast)."""
-    gradient_checkpointing: bool = False
-    grad_cache_chunk: int = 0
-    """GradCache: embed the batch in chunks of this many items (0 = off, one plain forward).
-    Gives the exact large-batch gradient with the activation memory of one chunk."""
-    freeze_vision: bool = True
-    """Keep the vision tower frozen during full fine-tuning (LoRA never touches it)."""
     log_every: int = 1
     save_every: int = 0
     """Checkpoint every N steps (0: only at the end)."""
@@ -257,6 +285,55 @@ class TrainConfig:
     resume_with_changes: bool = False
     """Accept settings that differ from the checkpoint's when resuming (otherwise an error)."""
     plot: bool = True
+
+    def validate(self) -> None:
+        """Steps, optimiser and schedule values, logging and checkpoint intervals, and the seed."""
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"train.warmup_ratio must be within [0, 1], got {self.warmup_ratio}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ConfigError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.save_every < 0 or self.keep_last < 0:
+            raise ConfigError(f"train.save_every (0 = only at the end) and train.keep_last (0 = keep all) must be "
+                              f">= 0, got {self.save_every} and {self.keep_last}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        check_seed("train.seed", self.seed, 2**32 - 1)  # accelerate's set_seed also seeds NumPy
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """How long and how to optimise a ReMatch model (``rematch train``)."""
+
+    head_lr: float | None = None
+    """Learning rate of the learnable tokens and projector (default: lr)."""
+    gradient_checkpointing: bool = False
+    grad_cache_chunk: int = 0
+    """GradCache: embed the batch in chunks of this many items (0 = off, one plain forward).
+    Gives the exact large-batch gradient with the activation memory of one chunk."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen during full fine-tuning (LoRA never touches it)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.head_lr is not None and not (math.isfinite(self.head_lr) and self.head_lr > 0):
+            raise ConfigError(f"train.head_lr must be a finite number > 0 (or null), got {self.head_lr}")
+        if self.grad_cache_chunk < 0:
+            raise ConfigError(f"train.grad_cache_chunk must be >= 0, got {self.grad_cache_chunk}")
+        if self.grad_cache_chunk and self.mixed_precision == "fp16":
+            raise ConfigError("GradCache (train.grad_cache_chunk) needs mixed_precision no or bf16: fp16 loss "
+                              "scaling across its several backward passes is not supported")
 
 
 @dataclass
@@ -272,11 +349,9 @@ class Config:
     def validate(self) -> None:
         self.model.validate()
         train = self.train
-        check_optimisation(train)
+        train.validate()
         if train.batch_size < 2 and self.loss.contrastive:
             raise ConfigError("train.batch_size must be >= 2 for a contrastive loss")
-        if train.head_lr is not None and not (math.isfinite(train.head_lr) and train.head_lr > 0):
-            raise ConfigError(f"train.head_lr must be a finite number > 0 (or null), got {train.head_lr}")
         if self.loss.matching_samples < 0:
             raise ConfigError(f"loss.matching_samples must be >= 0 (0 = the whole batch), got "
                               f"{self.loss.matching_samples}")
@@ -285,11 +360,6 @@ class Config:
         if any(cap < 0 for cap in self.data.caps.values()) or any(
                 not (math.isfinite(w) and w >= 0) for w in self.data.weights.values()):
             raise ConfigError("data.caps must be >= 0 and data.weights finite and >= 0")
-        if train.grad_cache_chunk < 0:
-            raise ConfigError(f"train.grad_cache_chunk must be >= 0, got {train.grad_cache_chunk}")
-        if train.grad_cache_chunk and train.mixed_precision == "fp16":
-            raise ConfigError("GradCache (train.grad_cache_chunk) needs mixed_precision no or bf16: fp16 loss "
-                              "scaling across its several backward passes is not supported")
         if not (math.isfinite(self.loss.temperature) and self.loss.temperature > 0):
             raise ConfigError(f"loss.temperature must be > 0, got {self.loss.temperature}")
         for name in ("contrastive", "orthogonality", "matching"):
@@ -298,33 +368,6 @@ class Config:
         check_seed("data.builtin_seed", self.data.builtin_seed, 2**32 - 1)
         if self.lora.enabled:  # PEFT checks these only when the model is built, some not at all
             self.lora.validate()
-
-
-def check_optimisation(train) -> None:
-    """The checks every ``train`` section shares (``rematch train`` and ``rematch pretrain``):
-    steps, optimiser and schedule values, logging and checkpoint intervals, and the seed."""
-    if train.steps < 1:
-        raise ConfigError(f"train.steps must be >= 1, got {train.steps}")
-    if train.batch_size < 1:
-        raise ConfigError(f"train.batch_size must be >= 1, got {train.batch_size}")
-    if not (math.isfinite(train.lr) and train.lr > 0):
-        raise ConfigError(f"train.lr must be a finite number > 0, got {train.lr}")
-    if not 0 <= train.warmup_ratio <= 1:
-        raise ConfigError(f"train.warmup_ratio must be within [0, 1], got {train.warmup_ratio}")
-    if not (math.isfinite(train.max_grad_norm) and train.max_grad_norm >= 0):
-        raise ConfigError(f"train.max_grad_norm must be >= 0 (0 = no clipping), got {train.max_grad_norm}")
-    if not (math.isfinite(train.weight_decay) and train.weight_decay >= 0):
-        raise ConfigError(f"train.weight_decay must be >= 0, got {train.weight_decay}")
-    if train.log_every < 1:
-        raise ConfigError(f"train.log_every must be >= 1, got {train.log_every}")
-    if train.save_every < 0 or train.keep_last < 0:
-        raise ConfigError(f"train.save_every (0 = only at the end) and train.keep_last (0 = keep all) must be "
-                          f">= 0, got {train.save_every} and {train.keep_last}")
-    if train.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"train.mixed_precision must be no, bf16 or fp16, got {train.mixed_precision!r}")
-    if train.scheduler not in SCHEDULERS:
-        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {train.scheduler!r}")
-    check_seed("train.seed", train.seed, 2**32 - 1)  # accelerate's set_seed also seeds NumPy
 
 
 def check_seed(name: str, seed: int, high: int) -> None:

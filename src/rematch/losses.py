@@ -41,9 +41,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from rematch.distributed import world_size
 
 
 def gather_with_grad(*locals_: torch.Tensor) -> list[tuple[torch.Tensor, int]]:

@@ -23,14 +23,15 @@ from tqdm.auto import tqdm
 
 from rematch.backbones import adapter_for, load_backbone
 from rematch.backbones.base import DeepStack, EncoderBatch
-from rematch.config import ROLES, ModelConfig
+from rematch.config import ROLES, SAVED_BEFORE, ModelConfig
 from rematch.data.items import Item, ItemLike, as_items
+from rematch.devices import resolve_device
+from rematch.hub.card import EvalTable
+from rematch.hub.push import push_model
 from rematch.instructions import document_items, with_resolved_table
 from rematch.layers import EmbeddingProjector, init_learnable_tokens, ordinary_token_ids
-
-
-#: ModelConfig fields that only change video inputs (see :meth:`ReMatchModel.fingerprint`).
-VIDEO_SETTINGS = ("video_fps", "video_max_frames", "video_max_pixels")
+from rematch.prefetch import Prefetcher
+from rematch.serialization import load_rematch_model, save_rematch_model, weights_fingerprint
 
 
 @dataclass
@@ -85,7 +86,7 @@ class ReMatchModel(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def tiny(cls, size: str = "tiny", backbone: str = "qwen2_vl", k: int = 16, seed: int = 0,
+    def tiny(cls, size: str = "tiny", backbone: str = "qwen2_vl", num_tokens: int = 16, seed: int = 0,
              pooling: str | None = None, device: str | torch.device = "cpu", pretrained: bool = False,
              **config_fields) -> "ReMatchModel":
         """An untrained ReMatch model on a randomly initialised offline backbone (no download).
@@ -95,7 +96,8 @@ class ReMatchModel(nn.Module):
         ``size``, ``backbone`` and ``seed`` then no longer choose the backbone's weights.
         """
         config = ModelConfig(backbone="tiny-pretrained" if pretrained else "tiny", tiny_family=backbone,
-                             tiny_size=size, num_tokens=k, seed=seed, pooling=pooling or ("mean" if k else "last"),
+                             tiny_size=size, num_tokens=num_tokens, seed=seed,
+                             pooling=pooling or ("mean" if num_tokens else "last"),
                              **config_fields)
         return cls.from_config(config, device=device)
 
@@ -107,10 +109,11 @@ class ReMatchModel(nn.Module):
         return cls(backbone, processor, config)
 
     @classmethod
-    def from_backbone(cls, name_or_path: str | os.PathLike, k: int = 16, pooling: str | None = None,
+    def from_backbone(cls, name_or_path: str | os.PathLike, num_tokens: int = 16, pooling: str | None = None,
                       **config_fields) -> "ReMatchModel":
         """Fresh ReMatch parts on a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (hub id or local directory)."""
-        config = ModelConfig(backbone=str(name_or_path), num_tokens=k, pooling=pooling or ("mean" if k else "last"),
+        config = ModelConfig(backbone=str(name_or_path), num_tokens=num_tokens,
+                             pooling=pooling or ("mean" if num_tokens else "last"),
                              **config_fields)
         return cls.from_config(config)
 
@@ -130,9 +133,6 @@ class ReMatchModel(nn.Module):
         the keyword arguments as ModelConfig fields. ``device`` defaults to CUDA when available
         (:func:`rematch.devices.default_device`).
         """
-        from rematch.devices import resolve_device
-        from rematch.serialization import load_rematch_model
-
         model = load_rematch_model(cls, path, expected, revision=revision, new_heads=new_heads)
         return model.to(resolve_device(device))
 
@@ -141,8 +141,6 @@ class ReMatchModel(nn.Module):
         """A model from a short spec: ``tiny``, ``tiny:small``, ``tiny:small:qwen2_5_vl`` (offline,
         untrained: ``heads_source`` is None), or a saved ReMatch directory or hub id
         (:meth:`from_pretrained`). ``device`` defaults to CUDA when available."""
-        from rematch.devices import resolve_device
-
         if spec == "tiny-pretrained":
             return cls.tiny(pretrained=True, device=resolve_device(device))
         if spec == "tiny" or spec.startswith("tiny:"):
@@ -158,17 +156,15 @@ class ReMatchModel(nn.Module):
         ``path`` must be new, empty or a saved ReMatch model (which is replaced); anything else
         is refused unless ``overwrite=True``, so a wrong path never deletes a user's files.
         """
-        from rematch.serialization import save_rematch_model
-
         save_rematch_model(self, Path(path), overwrite=overwrite)
 
-    def push_to_hub(self, repo_id: str, private: bool = False, eval_dir: str | os.PathLike | None = None,
+    def push_to_hub(self, repo_id: str, private: bool = False, eval_table: EvalTable | None = None,
                     **options) -> str:
-        """Save, write a model card for ``repo_id`` (with the evaluation table of ``eval_dir``'s
-        summary.json) and upload; returns the repository URL. See :func:`rematch.export.hub.push_model`."""
-        from rematch.export.hub import push_model
+        """Save, write a model card for ``repo_id`` and upload; returns the repository URL.
 
-        return push_model(self, repo_id, private=private, eval_dir=eval_dir, **options)
+        ``eval_table`` (``rematch.evaluation.report.read_eval_table(EVAL_DIR)``) puts scores on
+        the card; see :func:`rematch.hub.push.push_model`."""
+        return push_model(self, repo_id, private=private, eval_table=eval_table, **options)
 
     # ------------------------------------------------------------------ trained or not
 
@@ -241,7 +237,7 @@ class ReMatchModel(nn.Module):
         embeds, deepstack = self.adapter.embed_inputs(self.backbone, batch.input_ids, batch.pixel_values,
                                                       batch.image_grid_thw, image_features=batch.image_features,
                                                       **batch.video_inputs())
-        k = batch.num_slots
+        k = batch.num_tokens
         if k != self.num_tokens:
             raise ValueError(f"batch was prepared with {k} slots but the model has K={self.num_tokens}")
         if k:
@@ -295,8 +291,6 @@ class ReMatchModel(nn.Module):
         The default, None, is 2 on a GPU and 0 on a CPU, where the preparation competes with
         the forward for the same cores (benchmarks/RESULTS.md: 0.82x on a 2-core VM).
         """
-        from rematch.prefetch import Prefetcher
-
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if prefetch is None:
@@ -379,15 +373,13 @@ class ReMatchModel(nn.Module):
         import dataclasses
         import hashlib
 
-        from rematch.serialization import weights_fingerprint
-
         state = self.state_dict(keep_vars=True)
         # padding_free changes how a batch is laid out, not the vectors: it is no part of the identity.
-        # The video settings came later: they join it only when set away from their defaults, so
-        # the fingerprints stored in existing indexes and caches still match their models.
-        defaults = {f.name: f.default for f in dataclasses.fields(self.config) if f.name in VIDEO_SETTINGS}
+        # Fields that came later (the video settings, the target prompt style) join it only when set
+        # away from the value models saved before them behave as (config.SAVED_BEFORE), so the
+        # fingerprints stored in existing indexes and caches still match their models.
         identity = {k: v for k, v in dataclasses.asdict(self.config).items()
-                    if k != "padding_free" and not (k in defaults and v == defaults[k])}
+                    if k != "padding_free" and not (k in SAVED_BEFORE and v == SAVED_BEFORE[k])}
         key = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state.items())
         cached = getattr(self, "_fingerprint_cache", None)
         if cached is None or cached[0] != key:

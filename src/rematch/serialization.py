@@ -11,7 +11,7 @@ Layout of a saved model (a directory that is also a valid Hugging Face checkpoin
 Directories are written to a temporary sibling and renamed into place, so a crash
 never leaves a half-written model where a complete one is expected.
 
-Loading takes a local path or a hub id (resolved to a snapshot by :mod:`rematch.hub`, then
+Loading takes a local path or a hub id (resolved to a snapshot by :mod:`rematch.hub.resolve`, then
 read like any directory), and so does a LoRA adapter's base reference. A directory without
 ``rematch_config.json`` is refused: only an explicit ``new_heads=True`` builds fresh,
 untrained ReMatch parts on a bare backbone.
@@ -32,23 +32,17 @@ from safetensors.torch import load_file, save_file
 from rematch.backbones import MODEL_CLASSES, TORCH_DTYPES, load_backbone, load_pretrained_backbone, load_weights
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
 from rematch.atomic import write_directory_atomically
-from rematch.config import ROLES, ModelConfig, from_dict
-from rematch.hub import ModelNotFoundError, resolve_model_dir
-
-CONFIG_NAME = "rematch_config.json"
-HEADS_NAME = "rematch_heads.safetensors"
-FORMAT_VERSION = 1
-#: Fields of rematch_config.json that loading reads, with their JSON types.
-META_FIELDS = {"model": dict, "model_type": str, "hidden_size": int}
-
-
-class CheckpointMismatchError(ValueError):
-    """A saved model does not match what the caller asked for or what its files hold."""
-
-
-class NotAReMatchModelError(CheckpointMismatchError):
-    """A directory given to ``from_pretrained`` holds no saved ReMatch model (no rematch_config.json)."""
-
+from rematch.config import ROLES, SAVED_BEFORE, ModelConfig, from_dict
+from rematch.hub.card import write_saved_model_card
+from rematch.hub.resolve import ModelNotFoundError, resolve_model_dir
+from rematch.saved_model import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    HEADS_NAME,
+    CheckpointMismatchError,
+    NotAReMatchModelError,
+    read_rematch_meta,
+)
 
 # ---------------------------------------------------------------------------- fingerprints
 
@@ -93,8 +87,6 @@ def _sampled_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def save_rematch_model(model, path: Path, overwrite: bool = False) -> None:
-    from rematch.export.card import write_saved_model_card
-
     backbone = model.backbone
     is_peft = hasattr(backbone, "peft_config")
     meta: dict[str, Any] = {
@@ -141,32 +133,9 @@ def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------- load
 
 
-def read_rematch_meta(path: Path) -> dict[str, Any] | None:
-    config_file = Path(path) / CONFIG_NAME
-    if not config_file.is_file():
-        return None
-    try:
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointMismatchError(f"{config_file}: not valid JSON ({error})") from error
-    if not isinstance(meta, dict):
-        raise CheckpointMismatchError(f"{config_file}: expected a JSON object, got {type(meta).__name__}")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointMismatchError(f"{config_file}: format_version {version!r} is not supported "
-                                      f"(this rematch reads version {FORMAT_VERSION})")
-    for key, kind in META_FIELDS.items():  # what loading reads: a KeyError deep inside otherwise
-        value = meta.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise CheckpointMismatchError(f"{config_file}: field {key!r} is missing or not a {kind.__name__} "
-                                          f"(got {value!r}); the file is damaged, copy it again from where "
-                                          "the model was saved")
-    return meta
-
-
 def load_rematch_model(cls, spec: str | os.PathLike, expected: Mapping[str, Any], *, revision: str | None = None,
                        new_heads: bool = False):
-    """A model from a saved ReMatch directory (a local path or hub id, see :mod:`rematch.hub`).
+    """A model from a saved ReMatch directory (a local path or hub id, see :mod:`rematch.hub.resolve`).
 
     A directory without ``rematch_config.json`` is refused: loading it would attach random
     ReMatch heads and every embedding would be silently meaningless. ``new_heads=True``
@@ -184,7 +153,10 @@ def load_rematch_model(cls, spec: str | os.PathLike, expected: Mapping[str, Any]
             "Load it without new_heads, or use ReMatchModel.from_backbone() on a bare backbone")
 
     _check_required_files(path, meta)
-    config = from_dict(ModelConfig, meta["model"], where=str(path / CONFIG_NAME))
+    # a field the file lacks was added after the model was saved: it gets the value the model was
+    # trained with (config.SAVED_BEFORE), not today's default
+    saved = {**SAVED_BEFORE, **meta["model"]}
+    config = from_dict(ModelConfig, saved, where=str(path / CONFIG_NAME))
     _check_expectations(path, config, meta, expected)
     config = dataclasses.replace(config, **{k: v for k, v in expected.items()
                                             if k in ("dtype", "attn_implementation")})

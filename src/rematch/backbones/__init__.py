@@ -15,6 +15,7 @@ from transformers import (
 
 from rematch.backbones.attention import load_time_attention
 from rematch.backbones.base import BackboneAdapter, EncoderBatch
+from rematch.backbones.pretrained_tiny import PRETRAINED_TINY, asset_dir, verify_checksums
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
 from rematch.backbones.qwen3_vl import Qwen3VLAdapter
 from rematch.backbones.qwen_vl import QwenVLAdapter
@@ -96,10 +97,11 @@ def load_backbone(config: ModelConfig, device: str | torch.device = "cpu"
                   ) -> tuple[PreTrainedModel, ImageOnlyQwenVLProcessor]:
     """The backbone ``config.backbone`` names: a checkpoint, ``"tiny"`` built offline on ``device``, or
     the shipped ``"tiny-pretrained"`` (:mod:`rematch.backbones.pretrained_tiny`)."""
-    from rematch.backbones.pretrained_tiny import PRETRAINED_TINY, load_pretrained_tiny
-
     if config.backbone == PRETRAINED_TINY:
-        return load_pretrained_tiny(config, device=device)
+        directory = asset_dir()
+        verify_checksums(directory)
+        model, processor = load_pretrained_backbone(directory, config)
+        return model.to(device), processor
     if config.backbone == "tiny":
         model, processor = build_tiny_backbone(config.tiny_family, config.tiny_size, config.seed,
                                                dtype=TORCH_DTYPES[config.dtype], device=device)

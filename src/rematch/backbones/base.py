@@ -35,7 +35,7 @@ class EncoderBatch:
     attention_mask: torch.Tensor  # (B, L), 1 = real token
     position_ids: torch.Tensor  # (3, B, L) M-RoPE ids (time, height, width)
     mm_token_type_ids: torch.Tensor  # (B, L): 0 text, 1 image token, 2 video token (as transformers 5)
-    num_slots: int  # K learnable-token slots at the end of every row
+    num_tokens: int  # K learnable-token slots at the end of every row
     pixel_values: torch.Tensor | None = None  # (patches, C*T*P*P), all images of the batch
     image_grid_thw: torch.Tensor | None = None  # (images, 3)
     image_features: torch.Tensor | None = None
@@ -82,7 +82,7 @@ class EncoderBatch:
             attention_mask=mask[:, left:],
             position_ids=self.position_ids[:, start:stop, left:],
             mm_token_type_ids=self.mm_token_type_ids[start:stop, left:],
-            num_slots=self.num_slots,
+            num_tokens=self.num_tokens,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             image_features=image_features,
@@ -205,9 +205,9 @@ class BackboneAdapter(ABC):
     # ----------------------------------------------------------------- data side (CPU)
 
     @abstractmethod
-    def prepare(self, items: Sequence[Item], num_slots: int, where: str = "item",
+    def prepare(self, items: Sequence[Item], num_tokens: int, where: str = "item",
                 indices: Sequence[int] | None = None) -> EncoderBatch:
-        """Build a left-padded batch; ``num_slots`` placeholder tokens end every row.
+        """Build a left-padded batch; ``num_tokens`` placeholder tokens end every row.
 
         Errors name ``where`` and the item's index in the caller's list (``indices``,
         default: position in this batch).

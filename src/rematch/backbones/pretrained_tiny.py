@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
+from rematch.atomic import sha256_of
 
 #: The backbone spec that names the shipped model.
 PRETRAINED_TINY = "tiny-pretrained"
@@ -50,8 +50,6 @@ def read_record(directory: Path | None = None) -> dict[str, Any]:
 
 def verify_checksums(directory: Path | None = None) -> dict[str, Any]:
     """Check every file ``pretraining.json`` lists against its sha256; returns the record."""
-    from rematch.training.pretrain import sha256_of
-
     directory = asset_dir() if directory is None else Path(directory)
     record = read_record(directory)
     sums = record.get("sha256")
@@ -66,13 +64,3 @@ def verify_checksums(directory: Path | None = None) -> dict[str, Any]:
             raise PretrainedAssetError(f"{path}: sha256 {actual} differs from the recorded {expected}; the file is "
                                        "damaged or was changed (reinstall rematch, or rebuild: docs/pretraining.md)")
     return record
-
-
-def load_pretrained_tiny(config, device: str | torch.device = "cpu"):
-    """The shipped backbone and its processor, checksums verified; ``config`` is a ModelConfig."""
-    from rematch.backbones import load_pretrained_backbone
-
-    directory = asset_dir()
-    verify_checksums(directory)
-    model, processor = load_pretrained_backbone(directory, config)
-    return model.to(device), processor

@@ -20,11 +20,19 @@ Precomputed tower outputs (:mod:`rematch.training.vision_cache`) keep their one-
 side, (image tokens, (1 + layers) x H), so slicing them by image token (GradCache's chunks,
 the matching sequences' image table) slices all of them together.
 
+The chat wrapper differs in one rule: Qwen3-VL's chat template writes a system turn only when
+the conversation has a system message, where Qwen2-VL's writes "You are a helpful assistant."
+by default. So an item with an instruction gets its system turn, and an item without one gets
+none (:meth:`Qwen3VLAdapter.chat_prefix`); ``model.system_prompt`` gives a system turn only when
+set to a prompt of one's own, not at its default (Qwen2-VL's text).
+
 Videos go through Qwen3-VL's own path. Its text says when each frame pair was shot: a
 video is written as ``<t seconds><|vision_start|>...<|vision_end|>`` per temporal patch
 (two frames; ``t`` is the mean of their times, one decimal), not as Qwen2-VL's one
 ``<|video_pad|>`` run, so the text depends on the frame times
-(:func:`~rematch.backbones.processor.timestamped_video_text`; the processor writes it with
+(:func:`~rematch.backbones.processor.timestamped_video_text`; the frame times are a file's decoded
+presentation times, and for frames given as a directory or a list ``index / model.video_fps``,
+the rule :mod:`rematch.data.video` writes down; the processor writes it with
 :attr:`~rematch.backbones.processor.ImageOnlyQwenVLProcessor.timestamped_videos`). The run
 replaces the bare ``<|video_pad|>`` mark, as the original Qwen3-VL processor replaced the
 chat template's ``<|vision_start|><|video_pad|><|vision_end|>`` (transformers 5 keeps that
@@ -57,10 +65,20 @@ class Qwen3VLAdapter(QwenVLAdapter):
     model_types = ("qwen3_vl",)
     #: The bare mark: the processor writes the whole timestamped run in its place (module docstring).
     video_block = VIDEO_TOKEN
+    #: The prompt layout's name in embedding-cache keys (rematch.encoding.cache): vectors cached
+    #: while every item got a system turn are not served to this layout.
+    prompt_format = "qwen3-template-system-turn"
 
     def __init__(self, processor, config: ModelConfig):
         super().__init__(processor, config)
         processor.timestamped_videos = True
+
+    def chat_prefix(self, system: str) -> str:
+        """Qwen3-VL's template: a system turn only for a real system message (module docstring).
+        No system text, or Qwen2-VL's default prompt (ModelConfig's default), writes none."""
+        if not system or system == ModelConfig.system_prompt:
+            return "<|im_start|>user\n"
+        return super().chat_prefix(system)
 
     def block_positions(self, token_types: Sequence[int], image_grids: Sequence[Sequence[int]],
                         start: int, video_grids: Sequence[Sequence[int]] = (),

@@ -179,11 +179,11 @@ class QwenVLAdapter(BackboneAdapter):
     def soft_token(self) -> str:
         return SOFT_TOKEN
 
-    def format_item(self, item: Item, num_slots: int) -> str:
+    def format_item(self, item: Item, num_tokens: int) -> str:
         """The chat-formatted text of one item, image marked by one ``<|image_pad|>``."""
         system = self._truncate(item.instruction if item.instruction else self.config.system_prompt,
                                 self.config.max_instruction_tokens)
-        return self.chat_prefix(system) + self.content_text(item) + self.answer_prefix() + SLOT_TOKEN * num_slots
+        return self.chat_prefix(system) + self.content_text(item) + self.answer_prefix() + SLOT_TOKEN * num_tokens
 
     def check_user_text(self, item: Item, where: str) -> None:
         """Refuse chat control tokens in an item's text or instruction.
@@ -278,18 +278,18 @@ class QwenVLAdapter(BackboneAdapter):
         config = self.config
         return load_video_for_model(source, config.video_fps, config.video_max_frames, config.min_pixels,
                                     config.frame_max_pixels, factor=self.image_factor, where=where,
-                                    multiple_of=self.temporal_patch_size)
+                                    multiple_of=self.temporal_patch_size, sampling=config.video_sampling)
 
     def load_videos(self, items: Sequence[Item], where: str, indices: Sequence[int]) -> list[VideoFrames]:
         return [self.load_video(item.video, f"{where} {index}")
                 for index, item in zip(indices, items) if item.video is not None]
 
-    def prepare(self, items: Sequence[Item], num_slots: int, where: str = "item",
+    def prepare(self, items: Sequence[Item], num_tokens: int, where: str = "item",
                 indices: Sequence[int] | None = None) -> EncoderBatch:
         indices = list(range(len(items))) if indices is None else list(indices)
         for index, item in zip(indices, items):
             self.check_user_text(item, f"{where} {index}")
-        texts = [self.format_item(item, num_slots) for item in items]
+        texts = [self.format_item(item, num_tokens) for item in items]
         images = self.load_images(items, where, indices)
         videos = self.load_videos(items, where, indices)
         seconds = [seconds_per_grid(video, self.temporal_patch_size) for video in videos]
@@ -310,9 +310,9 @@ class QwenVLAdapter(BackboneAdapter):
                                 "model.max_sequence_tokens")
         token_types = encoded["mm_token_type_ids"]
         grids = encoded.get("image_grid_thw")
-        if num_slots and not bool((input_ids[:, -num_slots:] == self.slot_token_id).all()):
+        if num_tokens and not bool((input_ids[:, -num_tokens:] == self.slot_token_id).all()):
             bad = [indices[row] for row in range(len(items))
-                   if not bool((input_ids[row, -num_slots:] == self.slot_token_id).all())]
+                   if not bool((input_ids[row, -num_tokens:] == self.slot_token_id).all())]
             raise ItemError(f"{where} {bad[0] if bad else indices[0]}: the learnable slots did not end the "
                             "sequence (does the text contain chat special tokens?)")
         video_grids = encoded.get("video_grid_thw")
@@ -332,7 +332,7 @@ class QwenVLAdapter(BackboneAdapter):
             attention_mask=attention_mask,
             position_ids=position_ids,
             mm_token_type_ids=token_types,
-            num_slots=num_slots,
+            num_tokens=num_tokens,
             pixel_values=encoded.get("pixel_values"),
             image_grid_thw=grids,
             pixel_values_videos=encoded.get("pixel_values_videos"),

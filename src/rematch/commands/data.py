@@ -21,7 +21,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     import json
 
-    from rematch.data.shapes_tasks import write_shapes_dataset
+    from rematch.world.tasks import write_shapes_dataset
 
     out = write_shapes_dataset(args.out, train_rows=args.train_rows, eval_queries=args.eval_queries, seed=args.seed,
                                num_candidates=args.candidates, fmt=args.format, image_size=args.image_size,

@@ -15,33 +15,26 @@ from __future__ import annotations
 
 import pickle
 import sqlite3
+import sys
 import zipfile
+
+#: Error types of modules that a failing command may or may not have imported: (module, attribute).
+#: A damaged safetensors file, an Arrow parse error, CUDA out of memory, an unsafe checkpoint.
+_IMPORTED_ERROR_TYPES = (("rematch.training.checkpoint", "UnsafeCheckpointError"), ("pyarrow", "ArrowException"),
+                         ("torch", "OutOfMemoryError"), ("safetensors", "SafetensorError"))
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from rematch.training.checkpoint import UnsafeCheckpointError
-
+    """The user-error types. Those of optional or heavy modules count only once the module is
+    imported: an error of a type from a module that was never imported cannot have been raised,
+    and importing torch just to rule one out cost seconds on every failed light command
+    (``rematch info`` of a missing directory waited for torch before saying so)."""
     types: list[type[BaseException]] = [ValueError, OSError, FloatingPointError, sqlite3.Error,
-                                         zipfile.BadZipFile, pickle.UnpicklingError, UnsafeCheckpointError,
-                                         NotImplementedError, MemoryError]
-    try:
-        import pyarrow
-
-        types.append(pyarrow.ArrowException)
-    except ImportError:  # pragma: no cover - pyarrow comes with datasets
-        pass
-    try:
-        import torch
-
-        types.append(torch.OutOfMemoryError)
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
-    try:  # a damaged .safetensors file (the loaders name the file; this catches any other reader)
-        from safetensors import SafetensorError
-
-        types.append(SafetensorError)
-    except ImportError:  # pragma: no cover - safetensors comes with transformers
-        pass
+                                         zipfile.BadZipFile, pickle.UnpicklingError, NotImplementedError, MemoryError]
+    for module_name, attribute in _IMPORTED_ERROR_TYPES:
+        kind = getattr(sys.modules.get(module_name), attribute, None)
+        if isinstance(kind, type) and issubclass(kind, BaseException):
+            types.append(kind)
     return tuple(types)
 
 

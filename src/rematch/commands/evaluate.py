@@ -9,10 +9,11 @@ import argparse
 import json
 
 from rematch.commands.common import non_negative_int, positive_int
+from rematch.config import TARGET_PROMPT_STYLES  # light: PyYAML only
 
 
 def _cache_dir(args: argparse.Namespace):
-    from rematch.evaluation.cache import default_cache_dir
+    from rematch.encoding.cache import default_cache_dir
 
     return None if args.no_cache else (args.cache_dir or default_cache_dir())
 
@@ -24,7 +25,7 @@ def _model(args: argparse.Namespace, device: str | None):
 
 
 def cmd_mmeb(args: argparse.Namespace) -> int:
-    from rematch.evaluation.distributed import is_main_process, torchrun_session
+    from rematch.distributed import is_main_process, torchrun_session
     from rematch.evaluation.mmeb import evaluate_mmeb_source
     from rematch.evaluation.report import compare_summaries, load_summary
 
@@ -45,7 +46,8 @@ def cmd_mmeb(args: argparse.Namespace) -> int:
             image_root=args.image_root, skip_bad=args.skip_bad, batch_size=args.batch_size,
             strip_orphan_placeholders=args.strip_orphan_placeholders, limits=_input_limits(args, model),
             overwrite=args.overwrite,
-            cache_dir=_cache_dir(args), plot=not args.no_plot, rerank=args.rerank, show_progress=args.progress)
+            cache_dir=_cache_dir(args), plot=not args.no_plot, rerank=args.rerank, show_progress=args.progress,
+            target_prompt_style=args.target_prompt_style)
         if args.compare and is_main_process():
             print(compare_summaries(load_summary(args.compare), summary, names=(args.compare, args.out)))
     return 0
@@ -63,7 +65,7 @@ def _input_limits(args: argparse.Namespace, model):
 
 
 def cmd_mmeb_v2(args: argparse.Namespace) -> int:
-    from rematch.evaluation.distributed import torchrun_session
+    from rematch.distributed import torchrun_session
     from rematch.evaluation.mmeb_v2 import evaluate_mmeb_v2
 
     if args.rerank:
@@ -75,12 +77,12 @@ def cmd_mmeb_v2(args: argparse.Namespace) -> int:
         evaluate_mmeb_v2(model, args.data, args.out, modalities=args.modalities, tasks=args.tasks,
                          skip_bad=args.skip_bad, image_root=args.image_root, batch_size=args.batch_size,
                          cache_dir=_cache_dir(args), limits=_input_limits(args, model), overwrite=args.overwrite,
-                         show_progress=args.progress)
+                         show_progress=args.progress, video_frames=args.video_frames or None)
     return 0
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    from rematch.evaluation.distributed import is_main_process, torchrun_session
+    from rematch.distributed import is_main_process, torchrun_session
     from rematch.evaluation.retrieval import evaluate_retrieval, read_qrels
     from rematch.retrieval.corpus import read_corpus
 
@@ -150,6 +152,9 @@ def register(sub) -> None:
                       help="largest image area in pixels (official: 1003520 = 28*28*1280)")
     mmeb.add_argument("--max-text-tokens", type=non_negative_int, default=None,
                       help="truncate texts to this many tokens (0 = never; official: 0)")
+    mmeb.add_argument("--target-prompt-style", choices=TARGET_PROMPT_STYLES, default=None,
+                      help="encode candidates in this target prompt style (default: the style the model was "
+                           "trained with)")
     mmeb.add_argument("--out", required=True, help="output directory (<Subset>.json, summary.json/.md/.png)")
     mmeb.add_argument("--no-plot", action="store_true")
     mmeb.add_argument("--overwrite", action="store_true",
@@ -165,6 +170,9 @@ def register(sub) -> None:
     v2.add_argument("--out", required=True, help="output directory (<Task>.json, summary.json, summary.md)")
     v2.add_argument("--modalities", nargs="+", choices=("image", "video", "visdoc"),
                     default=["image", "video", "visdoc"], help="which modalities to evaluate (default: all)")
+    v2.add_argument("--video-frames", type=non_negative_int, default=8,
+                    help="frames per video, taken as the official harness takes them (np.linspace over the saved "
+                         "frames); 0: the model's own video_fps / video_max_frames sampling (default: 8)")
     v2.add_argument("--tasks", nargs="+", default=None, help="task names (default: every task found under --data)")
     v2.add_argument("--skip-bad", action="store_true", help="skip (and count) unusable rows instead of stopping")
     v2.add_argument("--image-root", default=None,

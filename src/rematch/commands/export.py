@@ -14,7 +14,7 @@ UNTRAINED_HELP = "allow a model whose ReMatch heads are untrained (random), e.g.
 def _load(spec: str):
     """The model on the CPU (a one-off rewrite of the weights: RAM holds what a GPU might not) and its directory."""
     from rematch import ReMatchModel
-    from rematch.hub import resolve_model_dir
+    from rematch.hub.resolve import resolve_model_dir
 
     model = ReMatchModel.load(spec, device="cpu")
     if Path(spec).expanduser().is_dir():
@@ -23,11 +23,11 @@ def _load(spec: str):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from rematch.evaluation.report import read_eval_table
     from rematch.export import export_model
-    from rematch.export.card import read_eval_summary
 
     if args.eval is not None:
-        read_eval_summary(args.eval)  # an unreadable summary fails before the model loads
+        read_eval_table(args.eval)  # an unreadable summary fails before the model loads
     model, model_dir = _load(args.model)
     out = export_model(model, args.out, args.format, overwrite=args.overwrite, model_dir=model_dir,
                        eval_dir=args.eval, allow_untrained=args.allow_untrained)
@@ -38,20 +38,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from rematch.export.card import read_eval_summary
-    from rematch.export.hub import check_repo_id, stage_model_directory, upload_folder
-    from rematch.hub import resolve_model_dir
+    from rematch.evaluation.report import read_eval_table
+    from rematch.hub.push import check_repo_id, stage_model_directory, upload_folder
+    from rematch.hub.resolve import resolve_model_dir
 
     check_repo_id(args.repo_id)
     model_dir = resolve_model_dir(args.model)
-    fingerprint = None
+    fingerprint = table = None
     if args.eval is not None:
-        read_eval_summary(args.eval)  # readable, before the model loads
+        table = read_eval_table(args.eval)  # readable, before the model loads
         from rematch import ReMatchModel
 
         fingerprint = ReMatchModel.from_pretrained(model_dir, device="cpu").fingerprint()  # whose scores these are
     with tempfile.TemporaryDirectory(prefix="rematch-push-") as tmp:
-        staged = stage_model_directory(model_dir, Path(tmp) / "staged", args.repo_id, eval_dir=args.eval,
+        staged = stage_model_directory(model_dir, Path(tmp) / "staged", args.repo_id, eval_table=table,
                                        fingerprint=fingerprint, license=args.license,
                                        allow_untrained=args.allow_untrained)
         url = upload_folder(staged, args.repo_id, private=args.private)

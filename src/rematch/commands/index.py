@@ -22,7 +22,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from rematch.retrieval.index import IndexSpec, build_index
 
     IndexSpec(index_type=args.index_type, nlist=args.nlist, hnsw_m=args.hnsw_m).validate()  # before any work
-    from rematch.evaluation.distributed import is_main_process, torchrun_session
+    from rematch.distributed import is_main_process, torchrun_session
 
     corpus = read_corpus(args.corpus, args.image_root, instruction=args.instruction)
     with torchrun_session() as device:  # under torchrun each rank encodes its share of the shards

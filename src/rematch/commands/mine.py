@@ -10,6 +10,10 @@ from rematch.commands.common import non_negative_int, positive_int
 from rematch.commands.loading import add_model_loading_flags, load_model
 
 
+#: A flag left at its default: the preset's value applies.
+_PRESET = object()
+
+
 def _max_ratio(text: str) -> float | None:
     if text.lower() in ("none", "off"):
         return None
@@ -34,15 +38,19 @@ def _rank_window(text: str) -> tuple[int, int]:
 def cmd_mine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rematch.retrieval.mining import MiningError, MiningSettings, format_report, mine_negatives
+    from rematch.retrieval.mining import MiningError, format_report, mine_negatives, mining_preset
 
     strategy = "random" if args.random else "mined"
+    if args.teacher is not None:
+        if args.model is not None and args.model != args.teacher:
+            raise SystemExit("rematch mine: --teacher and --model name the same model; give one of them")
+        args.model = args.teacher
     if args.model is None and strategy == "mined":
         raise SystemExit("rematch mine: --model is required (only --random runs without a model)")
-    settings = MiningSettings(rank_window=args.rank_window, per_row=args.per_row, max_ratio=args.max_ratio,
-                              seed=args.seed, strategy=strategy)
-    try:
-        settings.validate()  # before loading a model
+    overrides = {name: value for name, value in (("rank_window", args.rank_window), ("max_ratio", args.max_ratio))
+                 if value is not _PRESET}
+    try:  # before loading a model
+        settings = mining_preset(args.preset, per_row=args.per_row, seed=args.seed, strategy=strategy, **overrides)
     except MiningError as error:
         raise SystemExit(f"rematch mine: {error}") from error
     model = None
@@ -57,6 +65,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
                                 shard_size=args.shard_size, skip_bad=args.skip_bad,
                                 strip_orphan_placeholders=args.strip_orphan_placeholders,
                                 keep_embeddings=args.keep_embeddings, model_source=model_source,
+                                preset=None if overrides else args.preset,
                                 show_progress=args.progress, log=None if args.json else print)
     except MiningError as error:
         raise SystemExit(f"rematch mine: {error}") from error
@@ -82,12 +91,18 @@ def register(sub) -> None:
     mine.add_argument("--subsets", nargs="+", default=None, help="subset names (default: every subset found)")
     mine.add_argument("--split", default="train", help="split to mine (MMEB-train snapshots: original)")
     mine.add_argument("--image-root", default=None, help="directory image paths are relative to (default: ROOT)")
-    mine.add_argument("--rank-window", type=_rank_window, default=(5, 30), metavar="A:B",
-                      help="candidate ranks A..B (1-based, after removing the positive) to draw from (default 5:30)")
+    mine.add_argument("--preset", choices=("nv", "b3"), default="nv",
+                      help="nv: ranks 5-30 under 0.95 x the positive's score; b3: B3's ranks 30-130 (70-170 for VQA "
+                           "subsets), no ceiling, for a strong teacher (default: nv)")
+    mine.add_argument("--teacher", default=None, metavar="MODEL",
+                      help="the teacher model that ranks the candidates (same as --model)")
+    mine.add_argument("--rank-window", type=_rank_window, default=_PRESET, metavar="A:B",
+                      help="candidate ranks A..B (1-based, after removing the positive) to draw from (default: the "
+                           "preset's)")
     mine.add_argument("--per-row", type=positive_int, default=1, help="negatives per row (lists when > 1; default 1)")
-    mine.add_argument("--max-ratio", type=_max_ratio, default=0.95,
+    mine.add_argument("--max-ratio", type=_max_ratio, default=_PRESET,
                       help="drop candidates scoring above this x the positive's score ('none': no ceiling; "
-                           "default 0.95)")
+                           "default: the preset's)")
     mine.add_argument("--seed", type=non_negative_int, default=0, help="seed of the per-row draw")
     mine.add_argument("--random", action="store_true",
                       help="random negatives (uniform among non-duplicate targets) instead of mined ones: the "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rematch.commands.common import non_negative_int, positive_int, read_jsonl
 from rematch.commands.loading import add_model_loading_flags
+from rematch.config import ROLES  # rematch.config is light (yaml, no torch)
 
 OVERWRITE_HELP = ("replace whatever is at the output path (by default only a new or empty directory or a saved "
                   "ReMatch model is replaced)")
@@ -16,9 +17,9 @@ OVERWRITE_HELP = ("replace whatever is at the output path (by default only a new
 def cmd_tiny(args: argparse.Namespace) -> int:
     from rematch import ReMatchModel
 
-    model = ReMatchModel.tiny(size=args.size, backbone=args.backbone, k=args.k, seed=args.seed)
+    model = ReMatchModel.tiny(size=args.size, backbone=args.backbone, num_tokens=args.num_tokens, seed=args.seed)
     model.save_pretrained(args.out, overwrite=args.overwrite)
-    print(f"saved an untrained {args.backbone}/{args.size} ReMatch model (K={args.k}) to {args.out}")
+    print(f"saved an untrained {args.backbone}/{args.size} ReMatch model (K={args.num_tokens}) to {args.out}")
     return 0
 
 
@@ -44,8 +45,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     """One process, or every rank of ``torchrun`` (each encodes its share of the shards; rank 0 writes)."""
     from rematch.commands.loading import load_model
     from rematch.data.items import as_items
-    from rematch.evaluation.distributed import torchrun_session
-    from rematch.retrieval.sharded import encode_to_npy
+    from rematch.distributed import torchrun_session
+    from rematch.encoding.shards import encode_to_npy
 
     out = check_npy_output(args.out, args.overwrite)
     where = f"{args.input} row"
@@ -60,13 +61,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from rematch.hub import resolve_model_dir
-    from rematch.serialization import CONFIG_NAME, NotAReMatchModelError, read_rematch_meta
+    """Print a saved model's rematch_config.json, checked as loading checks it. Reads that one
+    file through the light reader (rematch.saved_model), so it answers without torch."""
+    from rematch.hub.resolve import resolve_model_dir
+    from rematch.saved_model import CONFIG_NAME, NotAReMatchModelError, read_rematch_meta
 
-    directory = resolve_model_dir(args.model, allow_patterns=[CONFIG_NAME])  # a hub id: fetch only the config
+    directory = Path(resolve_model_dir(args.model, allow_patterns=[CONFIG_NAME]))  # a hub id: fetch only the config
     meta = read_rematch_meta(directory)
     if meta is None:
-        raise NotAReMatchModelError(f"{args.model} is not a saved ReMatch model: {Path(directory) / CONFIG_NAME} "
+        raise NotAReMatchModelError(f"{args.model} is not a saved ReMatch model: {directory / CONFIG_NAME} "
                                     "is missing")
     print(json.dumps(meta, indent=2))
     return 0
@@ -87,7 +90,9 @@ def register(sub) -> None:
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
     tiny.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-    tiny.add_argument("--k", type=non_negative_int, default=16)
+    tiny.add_argument("--num-tokens", type=non_negative_int, default=16, dest="num_tokens",
+                      help="K, the learnable embedding tokens per role (0: last-token pooling) (default: 16)")
+    tiny.add_argument("--k", type=non_negative_int, dest="num_tokens", help=argparse.SUPPRESS)  # the old spelling
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     tiny.set_defaults(func=cmd_tiny)
@@ -95,7 +100,7 @@ def register(sub) -> None:
     encode = sub.add_parser("encode", help="embed the items of a jsonl file into a .npy array")
     encode.add_argument("--model", required=True, help="model directory, hub id, or tiny[:size[:family]]")
     encode.add_argument("--input", required=True, help="jsonl with text / image / instruction fields")
-    encode.add_argument("--role", default="query", choices=["query", "document"])
+    encode.add_argument("--role", default="query", choices=ROLES)
     encode.add_argument("--out", required=True, help="output .npy path")
     encode.add_argument("--batch-size", type=positive_int, default=16)
     encode.add_argument("--shard-size", type=positive_int, default=4096,

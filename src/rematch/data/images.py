@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from rematch.data.items import ItemError
+from rematch.data.items import Item, ItemError
 
 # Qwen-VL: 14 px patches merged 2 x 2, so image sides are multiples of 28.
 PATCH_FACTOR = 28
@@ -176,3 +176,18 @@ class DecodeCheck:
             except ImageLoadError as error:
                 self._results[path] = str(error).split(": ", 1)[-1]
         return self._results[path]
+
+
+def image_stamp(item: Item) -> str:
+    """Why: embedding caches and indexes must notice an image file that changed under its path.
+
+    Size and mtime of a path image or video file / frame directory ("missing" if absent:
+    encoding will then raise a clear error)."""
+    image = item.image if item.image is not None else item.video
+    if image is None or not isinstance(image, (str, os.PathLike)):
+        return ""
+    try:
+        stat = os.stat(image)
+    except OSError:
+        return "missing"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"

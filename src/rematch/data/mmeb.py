@@ -32,10 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from rematch.data import shapes_tasks as _shapes_tasks  # noqa: F401  (registers the shapes subsets' meta-tasks)
 from rematch.data.images import DecodeCheck
 from rematch.data.items import IMAGE_PLACEHOLDER, Item
-from rematch.data.mmeb_subsets import CLASSIFICATION, register_subset
 from rematch.data.records import EvalExample, RowRef, TrainExample
 from rematch.data.stores import (
     TABLE_SUFFIXES,
@@ -65,8 +63,6 @@ TRAIN, EVAL = "train", "eval"
 #: Hugging Face datasets whose split names differ from ours.
 HF_SPLIT_ALIASES: dict[str, dict[str, str]] = {"TIGER-Lab/MMEB-train": {"train": "original"}}
 
-# MMEB-train spells ImageNet-1K's config with an underscore; it is the same IND subset.
-register_subset("ImageNet_1K", CLASSIFICATION, "IND")
 
 _PLACEHOLDER_WITH_SPACE = re.compile(r"(?:<\|image_\d+\|>|<image>)[ \t]*\n?")
 

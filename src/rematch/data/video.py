@@ -8,11 +8,29 @@ configuration (``video_fps``, ``video_max_frames``), and every failure names the
 file (or the frame), so a corrupt clip in row 4,312 of a corpus says so -- the same contract
 as :mod:`rematch.data.images`.
 
-Sampling: a file is sampled at ``fps`` frames per second of its own timeline, uniformly from
-the first to the last frame, at most ``max_frames`` frames. Frames given as a directory or a
-list carry no timeline: they are taken to be already sampled at ``fps`` (how MMEB-V2 and the
-built-in world store clips), so only ``max_frames`` thins them. Qwen-VL merges frames two by
-two (temporal patch 2); an odd count gets its last frame repeated, as Qwen's own processor does.
+Two sampling rules (``sampling``):
+
+* ``"fps"`` (the model's own, used in training and ``encode``): a file is sampled at ``fps``
+  frames per second of its own timeline, uniformly from the first to the last frame, at most
+  ``max_frames`` frames. Frames given as a directory or a list are taken to be already
+  sampled at ``fps`` (how MMEB-V2 and the built-in world store clips), so only ``max_frames``
+  thins them.
+* ``"mmeb_v2"`` (the MMEB-V2 evaluation rule, :func:`mmeb_v2_indices`): exactly the frames the
+  official harness (TIGER-AI-Lab/VLM2Vec, ``process_video_frames``) hands its model: of ``n``
+  saved frames, ``np.linspace(0, n - 1, max_frames, dtype=int)`` when ``max_frames <= n``,
+  else all ``n``. A file is first cut to the frames the harness would save from it
+  (``save_frames``: every frame up to 64, else ``floor(i * total / 64)`` for i < 64), then the
+  same rule picks among those. ``fps`` plays no part in which frames are taken.
+
+Timestamps (Qwen3-VL writes them into the prompt, Qwen2.5-VL spaces temporal positions by
+them): a file gives each frame its decoded presentation time, relative to the first frame
+(``index / native fps`` only where the stream has no time stamps). A directory or a list of
+frames has no timeline, so the rule is written down instead of invented per call: frame ``i``
+of the saved frames is at ``i / fps`` seconds (the frames are taken to be saved at ``fps``;
+for MMEB-V2's frame directories, whose spacing is not recorded, this is a convention).
+
+Qwen-VL merges frames two by two (temporal patch 2); an odd count gets its last frame
+repeated, as Qwen's own processor does.
 """
 
 from __future__ import annotations
@@ -39,6 +57,11 @@ from rematch.data.items import ImageSource, VideoSource
 
 #: File names taken as frames in a frame directory (anything else there is ignored).
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+#: The frame sampling rules (see the module docstring).
+SAMPLING_RULES = ("fps", "mmeb_v2")
+#: Frames the MMEB-V2 harness saves from a video file before sampling (its ``max_frames_saved``,
+#: ``experiments/public/eval/video.yaml``).
+MMEB_V2_FRAMES_SAVED = 64
 
 
 class VideoLoadError(ImageLoadError):
@@ -81,34 +104,55 @@ def sample_indices(total: int, wanted: int) -> list[int]:
     return [round(i * (total - 1) / (wanted - 1)) for i in range(wanted)]
 
 
+def mmeb_v2_indices(total: int, wanted: int) -> list[int]:
+    """The MMEB-V2 harness's frames of ``total`` saved ones: ``np.linspace(0, total - 1, wanted,
+    dtype=int)`` when ``wanted <= total``, else every frame (its ``process_video_frames``)."""
+    if total < 1 or wanted < 1:
+        raise ValueError(f"need total >= 1 and wanted >= 1, got total={total}, wanted={wanted}")
+    if wanted > total:
+        return list(range(total))
+    return [int(index) for index in np.linspace(0, total - 1, wanted, dtype=int)]
+
+
+def mmeb_v2_saved_indices(total: int, saved: int = MMEB_V2_FRAMES_SAVED) -> list[int]:
+    """The frames the MMEB-V2 harness saves from a video file of ``total`` frames (its
+    ``save_frames``): all of them up to ``saved``, else ``floor(i * total / saved)``."""
+    if total <= saved:
+        return list(range(total))
+    step = total / saved
+    return [math.floor(i * step) for i in range(saved)]
+
+
 def frame_count(duration: float, fps: float, max_frames: int, available: int) -> int:
     """How many frames to sample from ``available`` frames spanning ``duration`` seconds."""
     return max(1, min(available, max_frames, round(duration * fps)))
 
 
 def load_video_frames(source: VideoSource, fps: float, max_frames: int, where: str = "item 0",
-                      multiple_of: int = 2) -> VideoFrames:
+                      multiple_of: int = 2, sampling: str = "fps") -> VideoFrames:
     """Sample a video's frames (see the module docstring); errors are :class:`VideoLoadError`.
 
     ``multiple_of`` is the tower's temporal patch size: the last frame is repeated until
-    the count is a multiple of it.
+    the count is a multiple of it. ``sampling`` is one of :data:`SAMPLING_RULES`.
     """
     if fps <= 0 or max_frames < 1:
         raise ValueError(f"video sampling needs fps > 0 and max_frames >= 1, got fps={fps}, max_frames={max_frames}")
+    if sampling not in SAMPLING_RULES:
+        raise ValueError(f"video sampling must be one of {SAMPLING_RULES}, got {sampling!r}")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
             raise VideoLoadError(f"{where}: video file not found: {path}", path)
         if path.is_dir():
-            video = _sample_frame_list(_frame_files(path, where), fps, max_frames, where, str(path))
+            video = _sample_frame_list(_frame_files(path, where), fps, max_frames, where, str(path), sampling)
         elif path.is_file():
-            video = _decode_file(path, fps, max_frames, where)
+            video = _decode_file(path, fps, max_frames, where, sampling)
         else:  # a FIFO or device would block or stream forever
             raise VideoLoadError(f"{where}: video {path} is not a regular file or a directory of frames", path)
     elif isinstance(source, (list, tuple)):
         if not source:
             raise VideoLoadError(f"{where}: the video is an empty list of frames")
-        video = _sample_frame_list(list(source), fps, max_frames, where, "<frames>")
+        video = _sample_frame_list(list(source), fps, max_frames, where, "<frames>", sampling)
     else:
         raise VideoLoadError(f"{where}: a video must be a path or a list of frames, got {type(source).__name__}")
     return _pad_frames(video, multiple_of)
@@ -140,10 +184,13 @@ def _frame_files(directory: Path, where: str) -> list[Path]:
 
 
 def _sample_frame_list(frames: list[ImageSource], fps: float, max_frames: int, where: str,
-                       source: str) -> VideoFrames:
+                       source: str, sampling: str = "fps") -> VideoFrames:
     """Frames already sampled at ``fps``: keep at most ``max_frames``, opening only those."""
-    wanted = min(len(frames), max_frames)
-    indices = sample_indices(len(frames), wanted)
+    if sampling == "mmeb_v2":
+        indices = mmeb_v2_indices(len(frames), max_frames)
+    else:
+        indices = sample_indices(len(frames), min(len(frames), max_frames))
+    wanted = len(indices)
     images = []
     for index in indices:
         frame = frames[index]
@@ -163,7 +210,15 @@ def _same_size(frames: list[Image.Image], where: str) -> list[Image.Image]:
     return [frame if frame.size == size else frame.resize(size, Image.Resampling.BICUBIC) for frame in frames]
 
 
-def _decode_file(path: Path, fps: float, max_frames: int, where: str) -> VideoFrames:
+def _file_indices(total: int, native_fps: float, fps: float, max_frames: int, sampling: str) -> list[int]:
+    """Which of a file's ``total`` frames to take under ``sampling`` (module docstring)."""
+    if sampling == "mmeb_v2":
+        saved = mmeb_v2_saved_indices(total)
+        return [saved[i] for i in mmeb_v2_indices(len(saved), max_frames)]
+    return sample_indices(total, frame_count(total / native_fps, fps, max_frames, total))
+
+
+def _decode_file(path: Path, fps: float, max_frames: int, where: str, sampling: str = "fps") -> VideoFrames:
     """Decode the sampled frames of a video file with PyAV (only those become images)."""
     import av
 
@@ -182,14 +237,13 @@ def _decode_file(path: Path, fps: float, max_frames: int, where: str) -> VideoFr
             total, native_fps = _count_frames(path, native_fps)
         if total <= 0:
             raise VideoLoadError(f"{where}: video {path} has no frames", path)
-        wanted = frame_count(total / native_fps, fps, max_frames, total)
-        indices = sample_indices(total, wanted)
-        frames, decoded = _decode_indices(path, indices)
+        indices = _file_indices(total, native_fps, fps, max_frames, sampling)
+        frames, times, decoded = _decode_indices(path, indices)
         if len(frames) < len(indices):  # the header promised more frames than the stream holds
             if decoded <= 0:
                 raise VideoLoadError(f"{where}: video {path} has no decodable frames", path)
-            indices = sample_indices(decoded, frame_count(decoded / native_fps, fps, max_frames, decoded))
-            frames, _ = _decode_indices(path, indices)
+            indices = _file_indices(decoded, native_fps, fps, max_frames, sampling)
+            frames, times, _ = _decode_indices(path, indices)
     except VideoLoadError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError) as error:
@@ -197,7 +251,8 @@ def _decode_file(path: Path, fps: float, max_frames: int, where: str) -> VideoFr
     if not frames:
         raise VideoLoadError(f"{where}: video {path} has no decodable frames", path)
     sampled_fps = native_fps * len(indices) / max(total, 1)
-    return VideoFrames(_same_size(frames, where), [index / native_fps for index in indices], sampled_fps, str(path))
+    timestamps = [time if time is not None else index / native_fps for time, index in zip(times, indices)]
+    return VideoFrames(_same_size(frames, where), timestamps, sampled_fps, str(path))
 
 
 def _count_frames(path: Path, native_fps: float | None) -> tuple[int, float]:
@@ -215,24 +270,30 @@ def _count_frames(path: Path, native_fps: float | None) -> tuple[int, float]:
     return count, native_fps
 
 
-def _decode_indices(path: Path, indices: Sequence[int]) -> tuple[list[Image.Image], int]:
-    """The frames at ``indices`` (sorted) and how many frames were decoded to reach them."""
+def _decode_indices(path: Path, indices: Sequence[int]) -> tuple[list[Image.Image], list[float | None], int]:
+    """The frames at ``indices`` (sorted), their presentation times in seconds from the first
+    frame (None where the stream carries no time stamp), and how many frames were decoded."""
     import av
 
     wanted = list(indices)
     frames: list[Image.Image] = []
+    times: list[float | None] = []
     position = -1
+    first_time = None
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         next_wanted = 0
         for position, frame in enumerate(container.decode(stream)):
+            if position == 0:
+                first_time = frame.time
             while next_wanted < len(wanted) and wanted[next_wanted] == position:
                 frames.append(frame.to_image().convert("RGB"))
+                times.append(None if frame.time is None or first_time is None else float(frame.time - first_time))
                 next_wanted += 1
             if next_wanted == len(wanted):
                 break
-    return frames, position + 1
+    return frames, times, position + 1
 
 
 def resize_frames(video: VideoFrames, min_pixels: int, max_pixels: int, factor: int = PATCH_FACTOR,
@@ -256,9 +317,11 @@ def resize_frames(video: VideoFrames, min_pixels: int, max_pixels: int, factor: 
 
 
 def load_video_for_model(source: VideoSource, fps: float, max_frames: int, min_pixels: int, max_pixels: int,
-                         factor: int = PATCH_FACTOR, where: str = "item 0", multiple_of: int = 2) -> VideoFrames:
+                         factor: int = PATCH_FACTOR, where: str = "item 0", multiple_of: int = 2,
+                         sampling: str = "fps") -> VideoFrames:
     """Sample, convert and resize a video to exactly the frames the vision tower will see."""
-    return resize_frames(load_video_frames(source, fps, max_frames, where, multiple_of=multiple_of),
+    return resize_frames(load_video_frames(source, fps, max_frames, where, multiple_of=multiple_of,
+                                           sampling=sampling),
                          min_pixels, max_pixels, factor, where)
 
 

@@ -72,7 +72,7 @@ def row_config(settings: DemoSettings, row: AblationRow, seed: int, data_root: P
 
 def prepare_data(settings: DemoSettings, log: Callable[[str], None]) -> Path:
     """Generate the shapes world (training rows with hard negatives + the five evaluation subsets) once."""
-    from rematch.data.shapes_tasks import write_shapes_dataset
+    from rematch.world.tasks import write_shapes_dataset
 
     root = settings.out / "data" / "shapes"
     marker = root / ".demo-complete"
@@ -93,7 +93,7 @@ def prepare_data(settings: DemoSettings, log: Callable[[str], None]) -> Path:
 def train_and_evaluate(settings: DemoSettings, row: AblationRow, seed: int, data_root: Path) -> RunRecord:
     """Fine-tune one (row, seed) and evaluate it (first stage, and reranked when the row trains
     the matching head). Self-contained, so it runs the same in this process or in a worker."""
-    from rematch import ReMatchModel
+    from rematch.model import ReMatchModel
     from rematch.evaluation.mmeb import evaluate_mmeb_source
     from rematch.training.loop import train
 
@@ -170,7 +170,7 @@ def video_and_page_tasks(settings: DemoSettings, data_root: Path, model_dir: Pat
     show the path works and what transfers, not a trained video retriever."""
     if not (settings.video_clips or settings.pages):
         return None
-    from rematch import ReMatchModel
+    from rematch.model import ReMatchModel
     from rematch.evaluation.mmeb_v2 import evaluate_mmeb_v2
 
     model = ReMatchModel.from_pretrained(model_dir)
@@ -186,7 +186,7 @@ T2I_INSTRUCTION = "Find me an everyday image that matches the given caption:"
 def example_searches(settings: DemoSettings, data_root: Path, model_dir: Path) -> list[dict]:
     """Index the ShapesT2I evaluation images with the full model and run two caption searches:
     the first evaluation query (its correct image is known) and a free-text one."""
-    from rematch import ReMatchModel
+    from rematch.model import ReMatchModel
     from rematch.data.mmeb import iter_eval_examples
     from rematch.retrieval.index import build_index
 

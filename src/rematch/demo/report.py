@@ -117,7 +117,7 @@ def plot_retrieval_examples(model_dir: Path, data_root: Path, path: Path) -> Pat
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from rematch import ReMatchModel
+    from rematch.model import ReMatchModel
     from rematch.data.mmeb import iter_eval_examples
 
     model = ReMatchModel.from_pretrained(model_dir)

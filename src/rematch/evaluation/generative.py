@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rematch.training.generative import score_examples
+from rematch.training.answers import score_examples
 from rematch.world.pretrain_corpus import (
     ANSWERS,
     FOIL_KINDS,
@@ -130,7 +130,7 @@ def load_generative_model(spec: str, image_size: int | None = None, device: str 
     from rematch.backbones.pretrained_tiny import PRETRAINED_TINY, asset_dir, read_record, verify_checksums
     from rematch.config import ModelConfig
     from rematch.devices import resolve_device
-    from rematch.hub import resolve_model_dir
+    from rematch.hub.resolve import resolve_model_dir
 
     device = resolve_device(device)
     if spec == PRETRAINED_TINY:

@@ -6,7 +6,7 @@ For each subset:
    query, every distinct candidate item once as a document — MMEB candidate lists share
    most of their items (class labels, answer strings, image pools), so this is usually a
    10-1000x saving.
-2. Encode through :class:`~rematch.evaluation.cache.CachedEncoder` (on-disk cache, and
+2. Encode through :class:`~rematch.encoding.cache.CachedEncoder` (on-disk cache, and
    strided shards across ranks when ``torch.distributed`` is initialised); candidates
    without an instruction get their subset's document instruction first
    (:func:`rematch.instructions.document_items`, if the model's config turns them on).
@@ -43,12 +43,14 @@ import numpy as np
 
 from rematch.data.images import ImageLoadError
 from rematch.data.items import Item, as_item
-from rematch.data.mmeb_subsets import subset_info
+from rematch.data.mmeb_subsets import SubsetInfo, read_manifest_subsets, subset_info
 from rematch.data.records import EvalExample, RowRef
-from rematch.evaluation.cache import CachedEncoder, EncodeStats
-from rematch.evaluation.distributed import encode_across_ranks, gather_stats, is_main_process
+from rematch.encoding.cache import CachedEncoder, EncodeStats
+from rematch.distributed import is_main_process
+from rematch.encoding.distributed import encode_across_ranks, gather_stats
 from rematch.evaluation.metrics import check_finite, hit_at_k, mean_metrics, per_query_metrics, ranks_of_relevant
-from rematch.evaluation.settings import InputLimits, current_limits, input_limits
+from rematch.evaluation.settings import (
+    InputLimits, current_limits, input_limits, limits_preset, model_config_of, with_target_prompt_style)
 from rematch.instructions import document_items
 from rematch.atomic import write_json_atomically
 from rematch.retrieval.rerank import check_rerank, reranked_scores
@@ -191,20 +193,11 @@ def score_lists(data: DedupedSubset, query_vectors: np.ndarray, candidate_vector
     return scores
 
 
-def _model_config(model):
-    """The model's ModelConfig, which decides how documents are prepared (an error if absent)."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "document_instructions"):
-        raise TypeError(f"{type(model).__name__} has no `config` (a ModelConfig): evaluation reads the model's "
-                        "document-instruction settings from it, so a wrapper must expose its model's config")
-    return config
-
-
 def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalExample],
-                    ks: Sequence[int] = (1, 5), rerank: int = 0) -> dict:
+                    ks: Sequence[int] = (1, 5), rerank: int = 0, info: SubsetInfo | None = None) -> dict:
     """Metrics of one subset (a JSON-ready dict; see the module docstring for the protocol)."""
     start = time.perf_counter()
-    config = _model_config(encoder.model)
+    config = model_config_of(encoder.model)
     data = dedupe_examples(name, examples)
     with _errors_named_by_row(data, "query"):
         query_vectors = encode_across_ranks(encoder, data.queries, "query")
@@ -229,7 +222,7 @@ def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalEx
     metrics = mean_metrics(per_query_metrics(ranks, hit_ks=ks))
     metrics = {"hit@1": metrics.pop("hit@1"), "hit@1_strict": float(hit_at_k(strict_ranks, 1).mean()), **metrics}
     ties_at_top = int(((ranks.ranks[:, 0] == 1) & (strict_ranks.ranks[:, 0] > 1)).sum())
-    info = subset_info(name)
+    info = info or subset_info(name)
     lengths = np.array([len(indices) for indices in data.candidate_lists])
     return {
         "subset": name,
@@ -289,45 +282,43 @@ def evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]]
                   *, batch_size: int = 16, cache_dir: str | os.PathLike | None = None, ks: Sequence[int] = (1, 5),
                   plot: bool = True, rerank: int = 0, show_progress: bool = False,
                   skipped_rows: Mapping[str, object] | None = None, limits: InputLimits | None = None,
-                  overwrite: bool = False, log: Callable[[str], None] | None = print) -> dict:
+                  overwrite: bool = False, subset_infos: Mapping[str, SubsetInfo] | None = None,
+                  target_prompt_style: str | None = None, log: Callable[[str], None] | None = print) -> dict:
     """Run the MMEB protocol on every subset and write ``<out>/<Subset>.json`` + the summary files.
 
     ``model`` needs ``encode``, ``fingerprint`` and ``config`` (a :class:`~rematch.ReMatchModel`).
     ``examples_by_subset`` maps a subset name to its examples (any iterable, read once).
     ``cache_dir=None`` disables the embedding cache. ``skipped_rows`` maps a subset to the
     reader's bad-row report (anything with ``.total``), recorded as ``skipped_rows``.
+    ``subset_infos`` gives meta-task and split of subsets outside MMEB's table (a data
+    root's manifest: :func:`~rematch.data.mmeb_subsets.read_manifest_subsets`).
     ``limits`` (e.g. :data:`~rematch.evaluation.settings.OFFICIAL_MMEB_V1_QWEN2VL`) are the
     image/text input limits to encode with, applied for this call only; None keeps the
-    model's own (``rematch eval mmeb`` defaults to the official ones). Results of another
-    model in ``out_dir`` are an error unless ``overwrite`` (then they are removed). Under
-    ``torch.distributed`` every rank must call this with the same arguments; each encodes
-    a shard, rank 0 writes the files, and every rank returns the same summary.
+    model's own (``rematch eval mmeb`` defaults to the official ones). ``target_prompt_style``
+    ("b3" or "system", :mod:`rematch.instructions`) encodes the candidates in that style for
+    this call (None: the model's own, the style it was trained with); the style in force is
+    recorded in every result. Results of another model in ``out_dir`` are an error unless
+    ``overwrite`` (then they are removed). Under ``torch.distributed`` every rank must call
+    this with the same arguments; each encodes a shard, rank 0 writes the files, and every
+    rank returns the same summary.
     """
     check_rerank(rerank)
     if not examples_by_subset:
         raise ValueError("no subsets to evaluate")
-    if out_dir is not None and is_main_process():
-        check_output_directory(Path(out_dir), model.fingerprint(), overwrite)
-    with input_limits(model, limits) if limits is not None else contextlib.nullcontext():
-        return _evaluate_mmeb(model, examples_by_subset, out_dir, batch_size=batch_size, cache_dir=cache_dir, ks=ks,
-                              plot=plot, rerank=rerank, show_progress=show_progress, skipped_rows=skipped_rows,
-                              log=log, preset=limits.preset if limits is not None else None)
-
-
-def _limits_preset(model, effective: InputLimits) -> str:
-    """The preset name of the limits in force: "model" if they are the model's configured ones, else "custom"."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return "model"
-    own = (getattr(config, "min_pixels", None), getattr(config, "max_pixels", None),
-           getattr(config, "max_text_tokens", None))
-    return "model" if own == (effective.min_pixels, effective.max_pixels, effective.max_text_tokens) else "custom"
+    with with_target_prompt_style(model, target_prompt_style):
+        if out_dir is not None and is_main_process():
+            check_output_directory(Path(out_dir), model.fingerprint(), overwrite)
+        with input_limits(model, limits) if limits is not None else contextlib.nullcontext():
+            return _evaluate_mmeb(model, examples_by_subset, out_dir, batch_size=batch_size, cache_dir=cache_dir,
+                                  ks=ks, plot=plot, rerank=rerank, show_progress=show_progress,
+                                  skipped_rows=skipped_rows, log=log,
+                                  preset=limits.preset if limits is not None else None, subset_infos=subset_infos)
 
 
 def _evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]], out_dir, *, batch_size: int,
                    cache_dir, ks: Sequence[int], plot: bool, rerank: int, show_progress: bool,
                    skipped_rows: Mapping[str, object] | None, log: Callable[[str], None] | None,
-                   preset: str | None = None) -> dict:
+                   preset: str | None = None, subset_infos: Mapping[str, SubsetInfo] | None = None) -> dict:
     """:func:`evaluate_mmeb` with the input limits already in place."""
     from rematch.evaluation.report import summarize, write_summary
 
@@ -337,15 +328,19 @@ def _evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]
     effective = current_limits(model)
     limits_record = None
     if effective is not None:
-        limits_record = dataclasses.replace(effective, preset=preset or _limits_preset(model, effective)).as_dict()
+        limits_record = dataclasses.replace(effective, preset=preset or limits_preset(model, effective)).as_dict()
     encoder = CachedEncoder(model, cache_dir, batch_size=batch_size, show_progress=show_progress and main)
     out = Path(out_dir) if out_dir is not None else None
     results: dict[str, dict] = {}
+    config = model_config_of(model)
+    style = getattr(config, "target_prompt_style", None) if config.document_instructions else None
     try:
         for name, examples in examples_by_subset.items():
-            result = evaluate_subset(encoder, name, examples, ks=ks, rerank=rerank)
+            result = evaluate_subset(encoder, name, examples, ks=ks, rerank=rerank,
+                                     info=subset_info(name, subset_infos))
             result["model_fingerprint"] = encoder.fingerprint
             result["input_limits"] = limits_record
+            result["target_prompt_style"] = style
             if skipped_rows is not None and name in skipped_rows:
                 result["skipped_rows"] = int(skipped_rows[name].total)
             results[name] = result
@@ -359,6 +354,7 @@ def _evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]
     stats: EncodeStats = gather_stats(encoder.stats)
     summary = summarize(results, fingerprint=encoder.fingerprint, throughput=stats.as_dict(),
                         primary="hit@1", input_limits=limits_record, tie_rule=TIE_RULE)
+    summary["target_prompt_style"] = style
     if out is not None and main:
         write_summary(summary, out, plot=plot)
     say(f"encoded {stats.encoded} items in {stats.seconds:.1f}s ({stats.items_per_second:.1f} items/s), "
@@ -381,7 +377,7 @@ def evaluate_mmeb_source(model, source: str, out_dir: str | os.PathLike | None, 
     ``strip_orphan_placeholders`` repairs (and counts) texts that carry an image placeholder
     without an image, a quirk of some published MMEB rows (WebQA).
     """
-    from rematch.data.mmeb import iter_eval_examples, list_subsets
+    from rematch.data.mmeb import is_local, iter_eval_examples, list_subsets
     from rematch.data.validation import BadRowReport
 
     names = list(subsets) if subsets else list_subsets(source, split)
@@ -391,7 +387,8 @@ def evaluate_mmeb_source(model, source: str, out_dir: str | os.PathLike | None, 
     examples = {name: iter_eval_examples(source, name, image_root=image_root, skip_bad=skip_bad,
                                          report=reports[name], split=split,
                                          strip_orphan_placeholders=strip_orphan_placeholders) for name in names}
-    summary = evaluate_mmeb(model, examples, out_dir, skipped_rows=reports, log=log, **options)
+    summary = evaluate_mmeb(model, examples, out_dir, skipped_rows=reports, log=log,
+                            subset_infos=read_manifest_subsets(source) if is_local(source) else None, **options)
     if log and is_main_process():
         for name, report in reports.items():
             if report:

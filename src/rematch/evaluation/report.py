@@ -12,7 +12,7 @@ Aggregation follows MMEB: every group score is the UNWEIGHTED mean over its subs
 Subsets this project does not know (``subset_info`` says meta-task "other") are
 reported per subset and as their own "other" group, but are left out of the meta-task,
 IND/OOD and overall means whenever a known subset is present, so adding a custom task
-never shifts the MMEB numbers. Subsets registered with a meta-task (``register_subset``,
+never shifts the MMEB numbers. Subsets registered with a meta-task (a data root's manifest,
 e.g. the built-in shapes tasks) count in that meta-task and in overall, and in IND/OOD
 only if registered so. ``summary["mmeb"]`` says whether all 36 MMEB subsets were
 evaluated: only then is "overall" the MMEB overall score.
@@ -33,6 +33,7 @@ from typing import Mapping
 import numpy as np
 
 from rematch.data.mmeb_subsets import META_TASKS, MMEB_SUBSETS, OTHER, subset_info
+from rematch.hub.card import EvalSummaryError, EvalTable
 from rematch.atomic import write_bytes_atomically, write_json_atomically, write_text_atomically
 
 _METRIC = re.compile(r"^(hit|recall|ndcg)@\d+(_strict)?$|^mrr$")
@@ -256,6 +257,41 @@ def load_summary(run_dir: str | os.PathLike) -> dict:
                 if "hit@1" in row and "hit@1" + STRICT_SUFFIX not in row:
                     row["hit@1" + STRICT_SUFFIX] = row.pop("hit@1")
     return summary
+
+
+def read_eval_table(eval_dir: str | os.PathLike, fingerprint: str | None = None) -> EvalTable:
+    """The card's evaluation table from an ``rematch eval mmeb`` output directory.
+
+    The summary records the fingerprint of the model it scored; with ``fingerprint`` given, a
+    different one is refused (and the table keeps it, so a later check can refuse too), so a
+    card never shows another model's numbers. A damaged summary is an :class:`EvalSummaryError`
+    naming the file.
+    """
+    path = Path(eval_dir) / "summary.json"
+    try:
+        summary = load_summary(eval_dir)
+    except (OSError, ValueError) as error:
+        raise EvalSummaryError(str(error)) from None
+    for name, row in {**summary["groups"], **summary["subsets"]}.items():
+        if not isinstance(row, Mapping):
+            raise EvalSummaryError(f"{path}: entry {name!r} is not an object")
+    primary = summary.get("primary_metric", "hit@1")
+    notes = []
+    coverage = summary.get("mmeb") or {}
+    if coverage and not coverage.get("complete"):
+        notes.append(f"Only {coverage.get('evaluated')} of the 36 MMEB subsets were evaluated, so 'overall' is not "
+                     "the MMEB overall score.")
+    limits = summary.get("input_limits") or {}
+    if limits and not limits.get("matches_official", True):
+        notes.append("The input limits were not the official MMEB-V1 ones: not comparable with the leaderboard.")
+    groups = summary["groups"]
+    table = EvalTable(
+        primary_metric=primary, notes=tuple(notes),
+        groups=tuple((group, len(groups[group].get("subsets", [])), groups[group][primary])
+                     for group in GROUP_ORDER if group in groups and primary in groups[group]),
+        subsets=tuple((name, row[primary]) for name, row in sorted(summary["subsets"].items()) if primary in row),
+        model_fingerprint=summary.get("model_fingerprint"), source=str(path))
+    return table.check_model(fingerprint)
 
 
 def compare_summaries(baseline: Mapping, candidate: Mapping, metric: str | None = None,

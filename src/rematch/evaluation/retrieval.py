@@ -25,8 +25,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from rematch.data.items import Item
-from rematch.evaluation.cache import CachedEncoder
-from rematch.evaluation.distributed import encode_across_ranks, gather_stats, is_main_process
+from rematch.encoding.cache import CachedEncoder
+from rematch.distributed import is_main_process
+from rematch.encoding.distributed import encode_across_ranks, gather_stats
 from rematch.evaluation.metrics import RelevantRanks, check_finite, mean_metrics, per_query_metrics, ranks_of_relevant
 from rematch.atomic import write_json_atomically
 from rematch.retrieval.corpus import CorpusError, json_object

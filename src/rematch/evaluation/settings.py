@@ -103,18 +103,6 @@ def current_limits(model) -> InputLimits | None:
     return InputLimits(int(config.min_pixels), int(config.max_pixels), int(config.max_text_tokens), preset="model")
 
 
-def encoding_settings(model) -> str:
-    """The part of an embedding's identity that comes from evaluation settings, not the model.
-
-    Part of the embedding cache's row key; empty for an encoder without an adapter (then
-    nothing but the model's fingerprint can change its vectors).
-    """
-    limits = current_limits(model)
-    if limits is None:
-        return ""
-    return f"min_pixels={limits.min_pixels};max_pixels={limits.max_pixels};max_text_tokens={limits.max_text_tokens}"
-
-
 def _given(**values: int | None) -> dict[str, object]:
     """The values actually given (None means "keep the preset's")."""
     return {name: value for name, value in values.items() if value is not None}
@@ -167,3 +155,102 @@ def input_limits(model, limits: InputLimits | None = None, *, min_pixels: int | 
         adapter.config = saved_config
         if has_size:
             image_processor.size = saved_size
+
+
+def model_config_of(model):
+    """The model's ModelConfig, which decides how documents are prepared (an error if absent)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "document_instructions"):
+        raise TypeError(f"{type(model).__name__} has no `config` (a ModelConfig): evaluation reads the model's "
+                        "document-instruction settings from it, so a wrapper must expose its model's config")
+    return config
+
+
+def limits_preset(model, effective: InputLimits) -> str:
+    """The preset name of the limits in force: "model" if they are the model's configured ones, else "custom"."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return "model"
+    own = (getattr(config, "min_pixels", None), getattr(config, "max_pixels", None),
+           getattr(config, "max_text_tokens", None))
+    return "model" if own == (effective.min_pixels, effective.max_pixels, effective.max_text_tokens) else "custom"
+
+
+# ---------------------------------------------------------------------- video frames (MMEB-V2)
+
+#: Frames per video of the official MMEB-V2 harness (``num_frames: 8`` in its
+#: ``experiments/public/eval/video.yaml``), taken by its own index rule
+#: (:func:`rematch.data.video.mmeb_v2_indices`).
+OFFICIAL_MMEB_V2_VIDEO_FRAMES = 8
+
+
+def video_sampling_record(model) -> dict | None:
+    """How videos are sampled right now, as recorded in every MMEB-V2 result (None without an adapter).
+
+    ``rule`` is "mmeb_v2" (the harness's ``np.linspace(0, n - 1, frames, dtype=int)`` over the
+    saved frames, all of them when fewer; a file is first cut to the 64 frames the harness
+    saves) or "fps" (the model's own: ``fps`` frames per second, at most ``frames``);
+    ``matches_official`` says whether it is the harness's rule with 8 frames.
+    """
+    config = getattr(getattr(model, "adapter", None), "config", None)
+    if config is None:
+        return None
+    rule = config.video_sampling
+    record = {"rule": rule, "frames": int(config.video_max_frames)}
+    if rule == "fps":
+        record["fps"] = float(config.video_fps)
+    record["matches_official"] = rule == "mmeb_v2" and record["frames"] == OFFICIAL_MMEB_V2_VIDEO_FRAMES
+    return record
+
+
+@contextmanager
+def video_sampling(model, frames: int | None = OFFICIAL_MMEB_V2_VIDEO_FRAMES) -> Iterator[dict | None]:
+    """Take ``frames`` frames per video by the MMEB-V2 harness's rule inside the ``with`` block.
+
+    Why a swap and not a model setting: how many frames evaluation shows the model is an
+    evaluation choice (the harness uses 8; a model may have trained on 16 at 1 fps), like the
+    input limits. The adapter gets a copy of its config with ``video_sampling="mmeb_v2"`` and
+    ``video_max_frames=frames``; ``model.config`` and the fingerprint stay as they are, and the
+    embedding cache keys video items by these settings (``rematch.encoding.cache.video_settings``).
+    ``frames=None`` keeps the model's own sampling. Restored on exit, even after an error.
+    Yields :func:`video_sampling_record`.
+    """
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
+        raise InputLimitsError(f"video frames must be an integer >= 1 (or None: the model's own sampling), "
+                               f"got {frames!r}")
+    adapter = getattr(model, "adapter", None)
+    if frames is None or getattr(adapter, "config", None) is None:  # nothing to switch (an encoder of its own)
+        yield video_sampling_record(model)
+        return
+    saved = adapter.config
+    adapter.config = dataclasses.replace(saved, video_sampling="mmeb_v2", video_max_frames=frames)
+    try:
+        yield video_sampling_record(model)
+    finally:
+        adapter.config = saved
+
+
+# ---------------------------------------------------------------------- target prompt style
+
+@contextmanager
+def with_target_prompt_style(model, style: str | None = None) -> Iterator[str | None]:
+    """Encode documents with another target prompt style inside the ``with`` block (None: the model's own).
+
+    The style decides the document side's text (rematch.instructions), so it is part of the
+    model's identity: inside the block ``model.config`` is a copy with the style set, and the
+    fingerprint (hence the embedding cache file and every result's ``model_fingerprint``) is
+    that of the model encoding this way. Restored on exit, even after an error.
+    """
+    from rematch.config import TARGET_PROMPT_STYLES
+
+    config = model_config_of(model)
+    if style is None or style == getattr(config, "target_prompt_style", None):
+        yield getattr(config, "target_prompt_style", None)
+        return
+    if style not in TARGET_PROMPT_STYLES:
+        raise InputLimitsError(f"target prompt style must be one of {', '.join(TARGET_PROMPT_STYLES)}, got {style!r}")
+    model.config = dataclasses.replace(config, target_prompt_style=style)
+    try:
+        yield style
+    finally:
+        model.config = config

@@ -1,7 +1,7 @@
 """Sharing a ReMatch model: hub cards and push, and exports that run without rematch.
 
-* :mod:`rematch.export.card` -- the README.md model card (front matter, usage, recipe, scores);
-* :mod:`rematch.export.hub` -- stage a model folder with its card, upload it (``rematch push``);
+* :mod:`rematch.hub.card` -- the README.md model card (front matter, usage, recipe, scores);
+* :mod:`rematch.hub.push` -- stage a model folder with its card, upload it (``rematch push``);
 * :mod:`rematch.export.fold` -- the learnable tokens folded into the vocabulary of a plain
   Qwen-VL checkpoint (``rematch export --format transformers``);
 * :mod:`rematch.export.st_format` -- the sentence-transformers directory on top of it;

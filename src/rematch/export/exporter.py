@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from rematch.atomic import write_directory_atomically
-from rematch.export.card import CARD_NAME, model_card_for
+from rematch.evaluation.report import read_eval_table
+from rematch.hub.card import CARD_NAME, model_card_for
 from rematch.export.fold import SETTINGS_NAME, write_transformers_checkpoint
 
 EXPORT_FORMATS = ("transformers", "sentence-transformers")
@@ -37,7 +38,8 @@ def export_model(model, out: str | os.PathLike, output_format: str = "transforme
     if model.is_untrained() and not allow_untrained:
         raise ValueError("this model's ReMatch heads are untrained (random), so an export would embed "
                          "meaninglessly; export a trained model, or pass allow_untrained=True (--allow-untrained)")
-    card = model_card_for(model, output_format=output_format, model_dir=model_dir, eval_dir=eval_dir)
+    table = read_eval_table(eval_dir, model.fingerprint()) if eval_dir is not None else None
+    card = model_card_for(model, output_format=output_format, model_dir=model_dir, eval_table=table)
     out = Path(out)
 
     def write(directory: Path) -> None:

@@ -48,7 +48,10 @@ def embedding_settings(model, role_tokens: dict[str, list[str]]) -> dict[str, An
     from rematch.instructions import DEFAULT_KEY, resolved_table
 
     config = model.config
-    table = resolved_table(config) if config.document_instructions else {}
+    style = getattr(config, "target_prompt_style", "system")
+    # the plain lines know no subsets: the "system" style's default sentence is what a document gets
+    # there; the "b3" style puts a prefix only on documents of a known subset, so there it gets none
+    table = resolved_table(config) if config.document_instructions and style == "system" else {}
     return {
         "format": SETTINGS_FORMAT,
         "format_version": SETTINGS_VERSION,
@@ -58,8 +61,13 @@ def embedding_settings(model, role_tokens: dict[str, list[str]]) -> dict[str, An
         "pooling": config.pooling,
         "role_tokens": role_tokens,
         "system_prompt": config.system_prompt,
+        # Qwen3-VL's chat template writes no system turn for the default prompt (rematch.backbones.qwen3_vl)
+        "no_system_turn_for": ([type(config).system_prompt]
+                               if getattr(model.adapter, "prompt_format", None) == "qwen3-template-system-turn"
+                               else []),
         "document_instruction": table.get(DEFAULT_KEY),
         "document_instruction_table": table,
+        "target_prompt_style": style,
         "max_text_tokens": config.max_text_tokens,
         "max_instruction_tokens": config.max_instruction_tokens,
         "min_pixels": config.min_pixels,

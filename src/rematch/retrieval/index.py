@@ -28,15 +28,16 @@ import json
 import math
 import os
 import time
-import zipfile
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from rematch.data.items import Item, ItemLike, as_items
-from rematch.evaluation.cache import image_stamp
+from rematch.distributed import barrier, is_main_process
+from rematch.encoding.shards import encode_in_shards
 from rematch.retrieval.rerank import check_rerank, rerank
 
 FORMAT_VERSION = 1
@@ -391,8 +392,6 @@ def assemble_faiss(chunks: Callable[[], Iterator[np.ndarray]], count: int, dimen
 
 
 def new_manifest(fingerprint: str, dimension: int, spec: IndexSpec, count: int, model_source: str | None) -> dict:
-    import rematch
-
     params = {"nprobe": spec.nprobe, "ef_search": spec.ef_search}
     if spec.index_type == "ivf":
         params["nlist"] = spec.lists_for(count)
@@ -400,7 +399,7 @@ def new_manifest(fingerprint: str, dimension: int, spec: IndexSpec, count: int, 
         params["hnsw_m"] = spec.hnsw_m
     return {"format_version": FORMAT_VERSION, "model_fingerprint": fingerprint, "model_source": model_source,
             "dimension": int(dimension), "index_type": spec.index_type, "index_params": params, "count": count,
-            "similarity": "inner product of L2-normalised vectors (cosine)", "rematch_version": rematch.__version__,
+            "similarity": "inner product of L2-normalised vectors (cosine)", "rematch_version": package_version("rematch"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -473,30 +472,6 @@ def _check_replaceable(path: Path) -> None:
 # ---------------------------------------------------------------------------- resumable build
 
 
-def shard_hash(ids: Sequence[str], items: Sequence[Item]) -> str:
-    """Identity of a shard's content: ids, item content and image file stamps."""
-    digest = hashlib.sha256()
-    for item_id, item in zip(ids, items):
-        digest.update(f"{item_id}\x00{item.cache_key()}\x00{image_stamp(item)}\x01".encode("utf-8"))
-    return digest.hexdigest()
-
-
-def load_finished_shard(file: Path, fingerprint: str, expected_hash: str, count: int) -> np.ndarray | None:
-    """The shard's vectors if the file is a finished shard of this content and model, else None."""
-    if not file.is_file():
-        return None
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            if str(data["fingerprint"]) != fingerprint or str(data["content_hash"]) != expected_hash:
-                return None
-            vectors = data["vectors"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # unreadable (e.g. truncated by a full disk or a kill): encode it again
-    if vectors.shape[0] != count or not np.isfinite(vectors).all():
-        return None
-    return vectors
-
-
 def build_index(model, items: Sequence[ItemLike], ids: Sequence[str], out_dir: str | os.PathLike, *,
                 metadata: Sequence[Mapping] | None = None, index_type: str = "flat", nlist: int | None = None,
                 hnsw_m: int = 32, shard_size: int = 4096, batch_size: int = 16, overwrite: bool = False,
@@ -514,7 +489,7 @@ def build_index(model, items: Sequence[ItemLike], ids: Sequence[str], out_dir: s
     ``on_shard_done(shard, num_shards)`` is called after each newly encoded shard.
 
     Under ``torchrun`` each rank encodes its share of the shards (see
-    :mod:`rematch.retrieval.sharded`); rank 0 assembles and writes the index and returns
+    :mod:`rematch.encoding.shards`); rank 0 assembles and writes the index and returns
     it, the other ranks return None once it is written.
     """
     say = log or (lambda _: None)
@@ -530,9 +505,6 @@ def build_index(model, items: Sequence[ItemLike], ids: Sequence[str], out_dir: s
     ids, records = make_records(items, ids, metadata)
     if not items:
         raise ValueError("the corpus is empty")
-    from rematch.evaluation.distributed import barrier, is_main_process
-    from rematch.retrieval.sharded import encode_in_shards
-
     shards_dir = out / SHARDS_DIR
     result = encode_in_shards(model, items, ids, shards_dir, role="document", shard_size=shard_size,
                               batch_size=batch_size, show_progress=show_progress, on_shard_done=on_shard_done,

@@ -13,8 +13,8 @@ This module finds them with a model, one subset at a time:
    (``OUT/.mining/<split>/<Subset>/shards/``), so a killed run re-encodes nothing it finished;
 4. FAISS top-k for every query; drop the positive and its near-duplicates (an item
    with an image is identified by its image *bytes*, a text-only item by its
-   normalised text); number the rest 1, 2, ...; keep ranks ``a..b`` (``rank_window``:
-   the top ranks of a weak model are often unlabelled positives);
+   normalised text); number the rest 1, 2, ...; keep ranks ``a..b`` (``rank_window``,
+   or ``vqa_rank_window`` for a VQA subset: the top ranks are often unlabelled positives);
 5. drop candidates scoring above ``max_ratio`` x the positive's score: the
    positive-aware ceiling of NV-Retriever ("TopK-PercPos", 0.95), which removes
    likely false negatives without a hand-tuned absolute threshold;
@@ -32,10 +32,23 @@ e.g. the shapes world's ``neg_scene``) move to ``source_neg_*``; ``mined_neg_ran
 
 ``strategy="random"`` draws uniformly among the non-duplicate candidates instead: the
 control that mined negatives are compared against (it needs no model).
+
+Presets (:func:`mining_preset`, ``rematch mine --preset``), two published recipes:
+
+* ``"nv"`` (the default, this module's first recipe): ranks 5-30 under the 0.95 x positive
+  ceiling (NV-Retriever's positive-aware filter), with any model, e.g. a first-stage one;
+* ``"b3"``: B3's windows, ranks 30-130 (70-170 for VQA subsets, whose short answers repeat
+  near the top more often), no ceiling: B3 mines with a strong *teacher* and skips its first
+  ranks as likely false negatives instead of filtering by score. The teacher is the model
+  passed in (any ReMatch model; a stronger one than the model being trained is the point).
+  A subset with fewer candidates than the window's start (HatefulMemes' two answers,
+  VOC2007's 20 labels) gets no mined negative under these windows; its rows are counted as
+  ``without`` and train with in-batch negatives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -53,10 +66,11 @@ import numpy as np
 from rematch.atomic import write_atomically, write_json_atomically, write_npz_atomically
 from rematch.data.items import IMAGE_PLACEHOLDER, Item
 from rematch.data.mmeb import RowParser, SubsetSource, find_subsets
+from rematch.data.mmeb_subsets import VQA, read_manifest_subsets, subset_info
 from rematch.data.records import TrainExample
 from rematch.data.validation import BadRowReport, DataError
 from rematch.instructions import document_items
-from rematch.retrieval.index import load_finished_shard, shard_hash
+from rematch.encoding.shards import load_finished_shard, shard_hash
 
 FORMAT_VERSION = 1
 STATE_DIR = ".mining"
@@ -86,17 +100,44 @@ class MiningSettings:
     seed: int = 0
     strategy: str = "mined"
     """"mined" (model top-k) or "random" (uniform among non-duplicate candidates)."""
+    vqa_rank_window: tuple[int, int] | None = None
+    """The window of VQA subsets (their meta-task in MMEB's table or the data root's manifest);
+    None: ``rank_window`` for every subset."""
+
+    def window_for(self, meta_task: str) -> tuple[int, int]:
+        """The rank window of a subset of ``meta_task``."""
+        return self.vqa_rank_window if meta_task == VQA and self.vqa_rank_window is not None else self.rank_window
 
     def validate(self) -> None:
-        first, last = self.rank_window
-        if not (isinstance(first, int) and isinstance(last, int)) or first < 1 or last < first:
-            raise MiningError(f"rank_window must be a:b with 1 <= a <= b, got {first}:{last}")
+        for name in ("rank_window", "vqa_rank_window"):
+            window = getattr(self, name)
+            if window is None and name == "vqa_rank_window":
+                continue
+            first, last = window
+            if not (isinstance(first, int) and isinstance(last, int)) or first < 1 or last < first:
+                raise MiningError(f"{name} must be a:b with 1 <= a <= b, got {first}:{last}")
         if self.per_row < 1:
             raise MiningError(f"per_row must be >= 1, got {self.per_row}")
         if self.max_ratio is not None and not (math.isfinite(self.max_ratio) and self.max_ratio > 0):
             raise MiningError(f"max_ratio must be a positive number (or None for no ceiling), got {self.max_ratio}")
         if self.strategy not in STRATEGIES:
             raise MiningError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+
+#: The mining presets (module docstring): the settings each one fixes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "nv": {"rank_window": (5, 30), "vqa_rank_window": None, "max_ratio": 0.95},
+    "b3": {"rank_window": (30, 130), "vqa_rank_window": (70, 170), "max_ratio": None},
+}
+
+
+def mining_preset(name: str, **overrides: Any) -> MiningSettings:
+    """The settings of preset ``name`` ("nv" or "b3"), with any field overridden (e.g. ``seed``)."""
+    if name not in PRESETS:
+        raise MiningError(f"unknown mining preset {name!r}; choose one of {', '.join(PRESETS)}")
+    settings = MiningSettings(**{**PRESETS[name], **overrides})
+    settings.validate()
+    return settings
 
 
 def parse_rank_window(text: str) -> tuple[int, int]:
@@ -458,18 +499,22 @@ class MiningResult:
 
 
 def mine_negatives(model, source: str | os.PathLike, out: str | os.PathLike,
-                   settings: MiningSettings = MiningSettings(), *, subsets: Sequence[str] | None = None,
+                   settings: MiningSettings | str = MiningSettings(), *, subsets: Sequence[str] | None = None,
                    split: str = "train", image_root: str | os.PathLike | None = None, batch_size: int = 16,
                    shard_size: int = 2048, skip_bad: bool = False, strip_orphan_placeholders: bool = False,
                    keep_embeddings: bool = False, model_source: str | None = None, show_progress: bool = False,
-                   on_shard_done: Callable[[str, int, int], None] | None = None,
+                   preset: str | None = None, on_shard_done: Callable[[str, int, int], None] | None = None,
                    log: Callable[[str], None] | None = print) -> MiningResult:
     """Mine negatives for every subset of ``source`` into ``out`` (same layout); rerunning resumes.
 
-    ``model`` may be None only for ``strategy="random"`` (then no similarities are
-    reported). ``on_shard_done(role, shard, shards)`` runs after each newly encoded shard.
+    ``model`` ranks the candidates (the teacher of the "b3" preset) and may be None only for
+    ``strategy="random"`` (then no similarities are reported). ``settings`` may be a preset
+    name (:func:`mining_preset`). ``on_shard_done(role, shard, shards)`` runs after each newly
+    encoded shard.
     """
     say = log or (lambda _: None)
+    preset = settings if isinstance(settings, str) else preset  # recorded in the report
+    settings = mining_preset(settings) if isinstance(settings, str) else settings
     settings.validate()
     if shard_size < 1:
         raise MiningError(f"shard_size must be >= 1, got {shard_size}")
@@ -480,11 +525,13 @@ def mine_negatives(model, source: str | os.PathLike, out: str | os.PathLike,
         raise MiningError(f"the output (--out) {out} must not be the source data (--data) {source} or inside it: "
                           "it would overwrite the input")
     found = find_subsets(source, split, subsets, image_root)
+    declared = read_manifest_subsets(source) if Path(source).is_dir() else {}
     fingerprint = model.fingerprint() if model is not None else None
     keys = ContentKeys()
     reports, resumed = [], []
     for sub in found:
-        report, kept = _mine_subset(model, fingerprint, sub, out, split, settings, keys, batch_size=batch_size,
+        report, kept = _mine_subset(model, fingerprint, sub, out, split, settings, keys,
+                                    meta_task=subset_info(sub.name, declared).meta_task, batch_size=batch_size,
                                     shard_size=shard_size, skip_bad=skip_bad,
                                     strip_orphan_placeholders=strip_orphan_placeholders,
                                     keep_embeddings=keep_embeddings, show_progress=show_progress,
@@ -495,13 +542,15 @@ def mine_negatives(model, source: str | os.PathLike, out: str | os.PathLike,
     report_path = out / REPORT_FILE
     write_json_atomically(report_path, {
         "format_version": FORMAT_VERSION, "source": str(source), "split": split, "model": model_source,
-        "model_fingerprint": fingerprint, "settings": _settings_dict(settings), "image_paths": "absolute",
+        "model_fingerprint": fingerprint, "preset": preset, "settings": _settings_dict(settings),
+        "image_paths": "absolute",
         "subsets": {r.subset: asdict(r) for r in _finished_reports(out, split)}})
     return MiningResult(out, reports, resumed, report_path)
 
 
 def _mine_subset(model, fingerprint: str | None, sub: SubsetSource, out: Path, split: str,
-                 settings: MiningSettings, keys: ContentKeys, *, batch_size: int, shard_size: int, skip_bad: bool,
+                 settings: MiningSettings, keys: ContentKeys, *, meta_task: str, batch_size: int, shard_size: int,
+                 skip_bad: bool,
                  strip_orphan_placeholders: bool, keep_embeddings: bool, show_progress: bool,
                  on_shard_done, say) -> tuple[SubsetReport, bool]:
     """Mine one subset and write it; (report, True) when a finished identical run was found and kept."""
@@ -535,7 +584,9 @@ def _mine_subset(model, fingerprint: str | None, sub: SubsetSource, out: Path, s
                                           on_shard_done=on_shard_done)
         encoded += count
     if settings.strategy == "mined":
-        choices = choose_mined(queries, candidates, pool, settings, sub.name)
+        window = settings.window_for(meta_task)  # this subset's window (VQA subsets may have their own)
+        own = dataclasses.replace(settings, rank_window=window, vqa_rank_window=None)
+        choices = choose_mined(queries, candidates, pool, own, sub.name)
     else:
         choices = choose_random(pool, len(rows.raw), settings.per_row, settings.seed, sub.name, _PICK)
     baseline = choose_random(pool, len(rows.raw), 1, settings.seed, sub.name, _BASELINE)
@@ -595,6 +646,10 @@ def _mean(values) -> float | None:
 def _settings_dict(settings: MiningSettings) -> dict:
     data = asdict(settings)
     data["rank_window"] = list(settings.rank_window)
+    if settings.vqa_rank_window is None:  # as before VQA windows existed: finished subsets keep their signature
+        del data["vqa_rank_window"]
+    else:
+        data["vqa_rank_window"] = list(settings.vqa_rank_window)
     return data
 
 
@@ -641,6 +696,6 @@ def format_report(result: MiningResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CandidatePool", "ContentKeys", "MiningError", "MiningResult", "MiningSettings", "RowChoice",
+__all__ = ["PRESETS", "CandidatePool", "ContentKeys", "MiningError", "MiningResult", "MiningSettings", "RowChoice",
            "SubsetReport", "build_pool", "choose_mined", "choose_random", "encode_in_shards", "format_report",
-           "mine_negatives", "normalise_text", "parse_rank_window", "read_subset"]
+           "mine_negatives", "mining_preset", "normalise_text", "parse_rank_window", "read_subset"]

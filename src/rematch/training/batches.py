@@ -77,7 +77,7 @@ def resolve_train_source(config: Config, run_dir: Path, log=print) -> tuple[str,
     if data.source != "builtin":
         return data.source, data.image_root
     from rematch.atomic import write_directory_atomically
-    from rematch.data.shapes_tasks import write_shapes_dataset
+    from rematch.world.tasks import write_shapes_dataset
 
     root = run_dir / "data" / "shapes"
     marker = root / ".complete"

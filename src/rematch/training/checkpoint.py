@@ -108,6 +108,21 @@ def save_checkpoint(root: Path, step: int, module: torch.nn.Module, optimizer, s
     return target
 
 
+def save_distributed_checkpoint(accelerator, root: Path, step: int, module: torch.nn.Module, optimizer, scheduler,
+                                data_state: dict[str, Any], extra: dict[str, Any], keep_last: int = 2) -> None:
+    """Every process calls this: their RNG states are gathered (an exact resume restores each
+    process's own), then the main process writes the checkpoint and all wait for it, so no
+    process runs ahead into a step the checkpoint does not cover."""
+    states = [rng_state()]
+    if accelerator.num_processes > 1:
+        gathered: list = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, states[0])
+        states = gathered
+    if accelerator.is_main_process:
+        save_checkpoint(root, step, module, optimizer, scheduler, data_state, states, extra=extra, keep_last=keep_last)
+    accelerator.wait_for_everyone()
+
+
 def _fault_injection_point(step: int) -> None:
     """Test hook: ``REMATCH_KILL_DURING_SAVE=<step>`` SIGKILLs this process halfway through
     writing that step's checkpoint, which is how the tests prove saves are atomic."""

@@ -7,36 +7,38 @@ on the answers of :mod:`rematch.world.pretrain_corpus` (captions, short answers,
 verification against compositional foils), in the backbone adapter's chat format with the
 same image processor ReMatch uses later.
 
-It runs on the same training stack as ``rematch train``: config dataclasses + YAML +
-dotted overrides, accelerate, the run-directory rules, atomic checkpoints with exact
-resume, the JSONL/CSV loss log and its plot, and a stop at the first non-finite loss. The
-pieces come from :mod:`rematch.training.loop`, ``checkpoint``, ``run_directory`` and ``logs``;
-what is here is only what differs: the model (a bare backbone, every weight trained), the
-data stream (example ``i`` of the corpus, so a resume continues at an index) and the loss
-(answer tokens only; in a curriculum's ``attributes`` phases the vision tower's attribute
-loss of :mod:`rematch.training.tower_warmup`, with the tower frozen in later phases if
-they say so). The result is a plain Hugging Face backbone directory plus
-``pretraining.json``, loadable as ``model.backbone`` of any ReMatch recipe.
+It runs in the same training loop as ``rematch train`` (:func:`rematch.training.runner.run_loop`):
+config dataclasses + YAML + dotted overrides with the same ``train`` section
+(:class:`rematch.config.LoopConfig`), accelerate, the run-directory rules, atomic
+checkpoints with exact resume, the JSONL/CSV loss log and its plot, and a stop at the first
+non-finite loss. What is here is only its objective (:func:`pretraining_objective`): the
+model (a bare backbone, every weight trained), the data stream (example ``i`` of the
+corpus, so a resume continues at an index), the loss (answer tokens only; in a
+curriculum's ``attributes`` phases the vision tower's attribute loss of
+:mod:`rematch.training.tower_warmup`, with the tower frozen in later phases if they say
+so), the phases' learning rates, the held-out accuracy during the run, and the saved
+backbone. The result is a plain Hugging Face backbone directory plus ``pretraining.json``,
+loadable as ``model.backbone`` of any ReMatch recipe.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from rematch.config import ConfigError, ModelConfig, check_optimisation, check_seed, dump_yaml
+from rematch.atomic import sha256_of
+from rematch.config import ConfigError, LoopConfig, ModelConfig, check_seed
+from rematch.training.logs import StepLog
+from rematch.training.objective import Objective, RunContext, StepOutput
+from rematch.training.runner import run_loop
 from rematch.training.curriculum import OBJECTIVES, Curriculum, CurriculumPhase
-from rematch.training.generative import GenerativeBatch, GenerativeCollator, answer_loss
+from rematch.training.answers import AnswerBatch, AnswerCollator, answer_loss
 from rematch.training.tower_warmup import AttributeBatch, AttributeCollator, AttributeHeads, attribute_loss
 from rematch.world.pretrain_corpus import (
     ATTRIBUTES_TASK,
@@ -92,31 +94,26 @@ class PretrainDataConfig:
 
 
 @dataclass
-class PretrainTrainConfig:
-    """How long and how to optimise (the fields mean what they mean in ``rematch train``)."""
+class PretrainTrainConfig(LoopConfig):
+    """How long and how to optimise: the ``train`` section of ``rematch train`` (its fields mean
+    the same), with pre-training's defaults and its held-out evaluation during the run."""
 
     out: str = "runs/pretrain"
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
     warmup_ratio: float = 0.02
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = "no"
-    log_every: int = 1
     eval_every: int = 0
     """Held-out accuracy (``rematch eval generative`` on ``eval_examples`` per type) every this many
     steps and at the end, into ``heldout.jsonl``: on a plateau the loss is flat while accuracy
     sits at chance, which the loss alone cannot tell from slow learning. 0: off."""
     eval_examples: int = 40
-    save_every: int = 0
-    keep_last: int = 2
-    resume: bool = False
-    overwrite: bool = False
-    resume_with_changes: bool = False
-    plot: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.eval_every < 0 or self.eval_examples < 1:
+            raise ConfigError(f"train.eval_every (0 = off) must be >= 0 and train.eval_examples >= 1, got "
+                              f"{self.eval_every} and {self.eval_examples}")
 
 
 @dataclass
@@ -147,10 +144,7 @@ class PretrainConfig:
             raise ConfigError(f"data: {error}") from None
         if data.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {data.num_workers}")
-        check_optimisation(train)
-        if train.eval_every < 0 or train.eval_examples < 1:
-            raise ConfigError(f"train.eval_every (0 = off) must be >= 0 and train.eval_examples >= 1, got "
-                              f"{train.eval_every} and {train.eval_examples}")
+        train.validate()
         if data.phases and train.scheduler != "constant":
             raise ConfigError(f"with data.phases each phase sets its learning rate (lr, lr_end); set "
                               f"train.scheduler: constant (got {train.scheduler!r}) so no second schedule is "
@@ -231,7 +225,7 @@ class PretrainObjective(nn.Module):
         self.adapter = adapter
         self.heads = heads
 
-    def forward(self, batch: GenerativeBatch | AttributeBatch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: AnswerBatch | AttributeBatch) -> dict[str, torch.Tensor]:
         batch = batch.to(self.backbone.device)
         if isinstance(batch, AttributeBatch):
             if self.heads is None:
@@ -258,10 +252,10 @@ class PhaseCollator:
     """Each step's examples into the batch its phase trains on: all examples of a step share a phase."""
 
     def __init__(self, adapter, image_size: int):
-        self.answers = GenerativeCollator(adapter, image_size)
+        self.answers = AnswerCollator(adapter, image_size)
         self.attributes = AttributeCollator(adapter, image_size)
 
-    def __call__(self, examples) -> GenerativeBatch | AttributeBatch:
+    def __call__(self, examples) -> AnswerBatch | AttributeBatch:
         kinds = {example.task == ATTRIBUTES_TASK for example in examples}
         if len(kinds) != 1:
             raise ValueError("a batch mixes attribute scenes and questions: one step belongs to one phase")
@@ -301,7 +295,7 @@ class PretrainResult:
     loss_plot: Path | None
 
 
-def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
+def pretrain(config: PretrainConfig, show_progress: bool = True, log: Callable[[str], None] = print,
              stop_after: int | None = None) -> PretrainResult:
     """Pre-train as ``config`` says; the backbone directory is ``<train.out>/model``.
 
@@ -309,157 +303,51 @@ def pretrain(config: PretrainConfig, show_progress: bool = True, log=print,
     and writes their log and a checkpoint, no model: how a test checks that a recipe still
     reproduces its recorded loss curve without paying for the whole run.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from transformers import get_scheduler
-
-    from rematch.training.batches import BatchStream
-    from rematch.training.checkpoint import latest_checkpoint, load_checkpoint
-    from rematch.training.logs import StepLog, plot_losses
-    from rematch.training.loop import NonFiniteLossError, _checkpoint
-    from rematch.training.run_directory import check_resume, check_run_directory, prepare_run_directory, read_run_id
-
     config.validate()
-    out, train = Path(config.train.out), config.train
-    if stop_after is not None and not 1 <= stop_after <= train.steps:
-        raise ConfigError(f"stop_after must be within 1..train.steps ({train.steps}), got {stop_after}")
-    last_step = train.steps if stop_after is None else stop_after
-    curriculum = config.curriculum()
     # an attributes phase leaves the language model without gradients, an answers phase the heads
-    unused = [DistributedDataParallelKwargs(find_unused_parameters=True)] if curriculum.uses_attributes else []
-    accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=unused)
-    set_seed(train.seed)
-    is_main = accelerator.is_main_process
-    quiet = log if is_main else (lambda *_: None)
-    check_run_directory(config)
-    accelerator.wait_for_everyone()
-    run_id = prepare_run_directory(config, log) if is_main else None
-    accelerator.wait_for_everyone()
-    if is_main:
-        dump_yaml(config, out / "config.yaml")
+    result = run_loop(config, lambda context: pretraining_objective(config, context), name="pretrain",
+                      show_progress=show_progress, log=log, stop_after=stop_after,
+                      find_unused_parameters=config.curriculum().uses_attributes)
+    return PretrainResult(model_dir=result.model_dir, steps=result.steps, seconds=result.seconds,
+                          final_loss=result.final_losses.get("loss"), loss_plot=result.loss_plot)
 
+
+def pretraining_objective(config: PretrainConfig, context: RunContext) -> Objective:
+    """What ``rematch pretrain`` trains: built after seeding, in this order (backbone, heads),
+    so a seed gives the same initial weights as always."""
+    train, curriculum = config.train, config.curriculum()
     backbone, adapter = build_backbone(config)
     heads = AttributeHeads(adapter.causal_lm(backbone).config.get_text_config().hidden_size) \
         if curriculum.uses_attributes else None
     module = PretrainObjective(backbone, adapter, heads)
-    optimizer = torch.optim.AdamW(optimiser_groups(module, train))
-    if curriculum.schedules_lr:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [curriculum.tower_lr_scale(train.lr), curriculum.lr_scale(train.lr)])
-    else:
-        scheduler = get_scheduler(train.scheduler, optimizer,
-                                  num_warmup_steps=int(train.warmup_ratio * train.steps),
-                                  num_training_steps=train.steps)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    unwrapped: PretrainObjective = accelerator.unwrap_model(module)
 
-    global_batch = train.batch_size * accelerator.num_processes
-    source = CorpusStream(curriculum, global_batch)
-    start_step, checkpoints = 0, out / "checkpoints"
-    if train.resume:
-        found = latest_checkpoint(checkpoints, log=log)
-        if found is not None:
-            state = load_checkpoint(found, unwrapped, optimizer, scheduler, rank=accelerator.process_index)
-            check_resume(state.extra, read_run_id(out), config, state.step, found, log=quiet)
-            source.load_state_dict(state.data_state)
-            start_step = state.step
-            quiet(f"resumed from {found} at step {start_step}")
-        else:
-            quiet(f"no complete checkpoint in {checkpoints}: starting from step 0")
+    def step(wrapped: nn.Module, batch: AnswerBatch | AttributeBatch, index: int) -> StepOutput:
+        terms = wrapped(batch)
+        kind = "attributes" if isinstance(batch, AttributeBatch) else "answers"
+        # the mean over all processes (DDP's gradient is its gradient): every rank logs and
+        # checks the same number, so all of them stop together on a non-finite loss
+        value = context.mean_over_processes(terms["loss"])
+        accuracies = {name: round(context.mean_over_processes(term), 4) for name, term in terms.items()
+                      if name.endswith("_accuracy")}  # collectives too: every rank, every step
+        # the two objectives' losses are different quantities (three cross-entropies summed per
+        # object vs one per answer token): each also gets its own column and plot panel
+        return StepOutput({"loss": value, f"{kind}_loss": value}, backward=terms["loss"],
+                          metrics={"objective": kind, **accuracies})
 
-    collator = PhaseCollator(adapter, config.model.image_size)
-    stream = BatchStream(source, collator, train.batch_size, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes, workers=max(1, config.data.num_workers))
-    step_log = StepLog(out, resume_step=start_step) if is_main else None
-    heldout = HeldoutLog(out, start_step, adapter, config) if is_main and train.eval_every else None
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    progress = tqdm(total=train.steps, initial=start_step, disable=not (show_progress and is_main),
-                    desc="pretrain", unit="step")
-    started = time.perf_counter()
-    last_loss: float | None = None
-    last_data_state = source.state_dict()
-    try:
-        for step in range(start_step, last_step):
-            step_batch = next(stream)
-            module.train()
-            terms = module(step_batch.batch)
-            loss = terms["loss"]
-            objective = "attributes" if isinstance(step_batch.batch, AttributeBatch) else "answers"
-            # the mean over all processes (DDP's gradient is its gradient): every rank logs and
-            # checks the same number, so all of them stop together on a non-finite loss
-            value = float(accelerator.reduce(loss.detach(), "mean")) if accelerator.num_processes > 1 \
-                else float(loss.detach())
-            accuracies = _accuracies(terms, accelerator)  # a collective: every rank, every step
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"step {step + 1}: the answer loss is {value}; stopping (last finite "
-                                         f"loss: {last_loss})")
-            accelerator.backward(loss)
-            grad_norm = None
-            if train.max_grad_norm:
-                grad_norm = float(accelerator.clip_grad_norm_(trainable, train.max_grad_norm))
-                if not math.isfinite(grad_norm):
-                    raise NonFiniteLossError(f"step {step + 1}: gradient norm is {grad_norm}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss, last_data_state, done = value, step_batch.data_state, step + 1
-            if is_main and (done % train.log_every == 0 or done == train.steps):
-                elapsed = time.perf_counter() - started
-                # the two objectives' losses are different quantities (three cross-entropies summed per
-                # object vs one per answer token): each also gets its own column and plot panel
-                row: dict[str, Any] = {"step": done, "objective": objective, "loss": round(value, 6),
-                                       f"{objective}_loss": round(value, 6), "lr": scheduler.get_last_lr()[-1],
-                                       "samples_per_s": round(global_batch * (done - start_step) / elapsed, 3)}
-                row.update(accuracies)
-                if grad_norm is not None:
-                    row["grad_norm"] = round(grad_norm, 6)
-                step_log.append(row)
-            if heldout is not None and (done % train.eval_every == 0 or done == train.steps):
-                quiet(heldout.measure(unwrapped.backbone, done))
-            progress.set_postfix({"loss": f"{value:.3f}"})
-            progress.update(1)
-            if train.save_every and done % train.save_every == 0 and done < train.steps:
-                _checkpoint(accelerator, checkpoints, done, unwrapped, optimizer, scheduler,
-                            step_batch.data_state, config, run_id)
-    finally:
-        progress.close()
-        stream.close()
-        if heldout is not None:
-            heldout.close()
-    seconds = time.perf_counter() - started
-    _checkpoint(accelerator, checkpoints, last_step, unwrapped, optimizer, scheduler, last_data_state,
-                config, run_id)
-    model_dir, plot = out / "model", None
-    if is_main and last_step < train.steps:
-        step_log.close()
-    elif is_main:
-        rows = list(step_log.rows)
-        save_pretrained_backbone(unwrapped.backbone, adapter.processor, model_dir, config, rows, seconds)
-        if train.plot and rows:
-            plot = plot_losses(rows, out / "loss_curves.png", title="pre-training losses",
-                               terms=[f"{objective}_loss" for objective in OBJECTIVES])
-        step_log.close()
-        (out / "train_summary.json").write_text(json.dumps({
-            "steps": train.steps, "resumed_from": start_step, "seconds": round(seconds, 2),
-            "final_loss": last_loss, "processes": accelerator.num_processes, "model_dir": str(model_dir),
-            "generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(config)}, indent=2),
-            encoding="utf-8")
-    accelerator.wait_for_everyone()
-    return PretrainResult(model_dir=model_dir, steps=last_step, seconds=seconds, final_loss=last_loss,
-                          loss_plot=plot)
+    def save_model(directory: Path, rows: list[dict[str, Any]], seconds: float) -> None:
+        save_pretrained_backbone(backbone, adapter.processor, directory, config, rows, seconds)
 
-
-def _accuracies(terms: dict[str, torch.Tensor], accelerator) -> dict[str, float]:
-    """The step's accuracies (the attribute heads' on the tower warm-up's objects), averaged
-    over the processes like the loss, for the step log. Every rank must call it (the average
-    is a collective), not only the one that writes the log."""
-    found = {}
-    for name, value in terms.items():
-        if name.endswith("_accuracy"):
-            value = accelerator.reduce(value.detach(), "mean") if accelerator.num_processes > 1 else value
-            found[name] = round(float(value), 4)
-    return found
+    return Objective(
+        module=module, parameter_groups=optimiser_groups(module, train),
+        source=CorpusStream(curriculum, train.batch_size * context.processes),
+        collate=PhaseCollator(adapter, config.model.image_size), step=step, save_model=save_model,
+        workers=config.data.num_workers,
+        lr_lambdas=[curriculum.tower_lr_scale(train.lr), curriculum.lr_scale(train.lr)]
+        if curriculum.schedules_lr else None,
+        summary=lambda: {"generator_version": GENERATOR_VERSION},
+        open_evaluation=(lambda start: HeldoutLog(context.out, start, backbone, adapter, config))
+        if train.eval_every else None,
+        plot_title="pre-training losses", plot_terms=[f"{objective}_loss" for objective in OBJECTIVES])
 
 
 class HeldoutLog:
@@ -472,20 +360,20 @@ class HeldoutLog:
     at every measurement, so the rows are comparable along the run.
     """
 
-    def __init__(self, out: Path, resume_step: int, adapter, config: PretrainConfig):
-        from rematch.training.logs import StepLog
+    def __init__(self, out: Path, resume_step: int, backbone: nn.Module, adapter, config: PretrainConfig):
         from rematch.world.pretrain_corpus import asked_position, heldout_examples
 
-        self.adapter, self.image_size = adapter, config.model.image_size
+        self.backbone, self.adapter, self.image_size = backbone, adapter, config.model.image_size
+        self.every = config.train.eval_every
         self.examples = heldout_examples(config.train.eval_examples, image_position=asked_position(
             config.data.image_position))
         self.log = StepLog(out, resume_step=resume_step, tensorboard=False, name="heldout")
 
-    def measure(self, backbone: nn.Module, step: int) -> str:
-        from rematch.training.generative import score_examples
+    def measure(self, step: int) -> str:
+        from rematch.training.answers import score_examples
         from rematch.world.pretrain_corpus import QUESTION_TYPES
 
-        scores = score_examples(backbone, self.adapter, self.examples, self.image_size)
+        scores = score_examples(self.backbone, self.adapter, self.examples, self.image_size)
         row = {"step": step, **{task: scores.accuracy(task) for task in QUESTION_TYPES},
                "true_captions": scores.accuracy("verify/true"), "foils": scores.accuracy("verify/foil"),
                "verification_auc": scores.verification_auc()}
@@ -525,10 +413,3 @@ def save_pretrained_backbone(backbone: nn.Module, processor, model_dir: Path, co
     write_directory_atomically(model_dir, write, what="a pre-trained backbone",
                                is_ours=lambda path: (path / RECORD_FILE).is_file())
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -13,7 +13,11 @@ under the NEW config while config.yaml recorded the new values. Now:
   ``train.resume_with_changes`` accepts the changes explicitly (they are logged);
 * settings that do not change what is computed (logging, checkpoint cadence, workers,
   the step count, which only extends or shortens the run) may differ on resume, but a
-  checkpoint past ``train.steps`` is an error.
+  checkpoint past ``train.steps`` is an error;
+* ``run.json`` and every checkpoint also record the run format (:data:`RUN_FORMAT`): a run
+  written by an older rematch, whose settings hash and checkpoints this one does not
+  promise to read the same way, is refused on resume with one line saying so, instead of
+  being continued under settings that only look the same.
 """
 
 from __future__ import annotations
@@ -28,8 +32,14 @@ from typing import Any, Callable, Mapping
 
 from rematch.atomic import write_json_atomically
 from rematch.config import Config, ConfigError
+from rematch.hub.card import RUN_RECORD_NAME
 
-RUN_FILE = "run.json"
+RUN_FILE = RUN_RECORD_NAME
+
+#: The layout of a run directory and its checkpoints. 2: the one training loop of ``rematch
+#: train`` and ``rematch pretrain`` (rematch.training.runner) and their shared ``train``
+#: section; runs without a format (1) were written before it and are not resumed.
+RUN_FORMAT = 2
 
 #: What a run writes into its directory (``--overwrite`` deletes these and nothing else).
 RUN_OUTPUTS = ("run.json", "config.yaml", "losses.jsonl", "losses.csv", "loss_curves.png", "train_summary.json",
@@ -79,6 +89,8 @@ def check_run_directory(config: Config) -> None:
         raise RunDirectoryError(f"{out} holds a previous run; pass --resume (train.resume=true) to continue it, "
                                 "or --overwrite (train.overwrite=true) to delete its outputs and start over, or "
                                 "choose another --out")
+    if train.resume and holds_a_run(out):
+        check_run_format(read_run_format(out), str(out))
 
 
 def prepare_run_directory(config: Config, log: Callable[[str], None] = print) -> str:
@@ -100,7 +112,7 @@ def prepare_run_directory(config: Config, log: Callable[[str], None] = print) ->
     if existing is not None and train.resume:
         return existing
     run_id = uuid.uuid4().hex[:12]
-    write_json_atomically(out / RUN_FILE, {"run_id": run_id})
+    write_json_atomically(out / RUN_FILE, {"run_id": run_id, "format": RUN_FORMAT})
     return run_id
 
 
@@ -111,21 +123,42 @@ def read_run_id(out: Path) -> str | None:
         return None
 
 
+def read_run_format(out: Path) -> int | None:
+    """The run format ``run.json`` records (None: no readable ``run.json``, or one from before formats)."""
+    try:
+        found = json.loads((out / RUN_FILE).read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, int) else None
+
+
+def check_run_format(found: int | None, what: str) -> None:
+    """Refuse to resume a run (``what``: its directory or a checkpoint) of another run format."""
+    if found == RUN_FORMAT:
+        return
+    if found is None or found < RUN_FORMAT:
+        raise RunDirectoryError(f"{what} was written by an older rematch (run format {found or 1}, this one writes "
+                                f"{RUN_FORMAT}) and cannot be resumed; start it over with --overwrite, or choose "
+                                "another --out")
+    raise RunDirectoryError(f"{what} was written by a newer rematch (run format {found}, this one reads "
+                            f"{RUN_FORMAT}); resume it with that version")
+
+
 def checkpoint_identity(run_id: str, config: Config) -> dict[str, Any]:
     """What every checkpoint records about its run (checked by :func:`check_resume`)."""
-    return {"run_id": run_id, "config_hash": config_hash(config), "config": flat_config(config)}
+    return {"run_format": RUN_FORMAT, "run_id": run_id, "config_hash": config_hash(config),
+            "config": flat_config(config)}
 
 
 def check_resume(extra: Mapping[str, Any], run_id: str | None, config: Config, step: int, checkpoint: Path,
                  log: Callable[[str], None] = print) -> None:
-    """Refuse to resume another run's checkpoint, a checkpoint past ``train.steps``, or one
-    written under other settings (unless ``train.resume_with_changes``)."""
+    """Refuse to resume a checkpoint of an older run format, another run's checkpoint, a
+    checkpoint past ``train.steps``, or one written under other settings (unless
+    ``train.resume_with_changes``)."""
+    check_run_format(extra.get("run_format"), str(checkpoint))
     if step > config.train.steps:
         raise RunDirectoryError(f"{checkpoint} is at step {step}, past train.steps={config.train.steps}; raise "
                                 "--steps to continue, or start a new run")
-    if "run_id" not in extra:
-        log(f"{checkpoint} predates run ids and config hashes: its settings cannot be checked")
-        return
     if run_id is not None and extra["run_id"] != run_id:
         raise RunDirectoryError(f"{checkpoint} belongs to run {extra['run_id']}, not to run {run_id} of "
                                 f"{config.train.out}; resume from that run's own directory")

@@ -12,7 +12,7 @@ a curriculum phase with ``objective: attributes``.
 What it trains: the tower's merged visual tokens (what the language model sees) are pooled
 per object, weighted by how many of the object's pixels fall in each token's cell, and a
 linear head per attribute classifies the pooled vector. The labels come from the scene
-graph and the weights from the object's exact drawing (:func:`rematch.data.synthetic.object_mask`),
+graph and the weights from the object's exact drawing (:func:`rematch.world.scenes.object_mask`),
 so nothing is estimated. The heads exist only for this phase and are not saved with the
 backbone; the following ``answers`` phases usually keep the tower frozen
 (``freeze_tower``), as LLaVA-style training keeps a pretrained ViT fixed while the
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rematch.data.synthetic import ATTRIBUTES, Scene, object_mask
+from rematch.world.scenes import ATTRIBUTES, Scene, object_mask
 
 
 @dataclass

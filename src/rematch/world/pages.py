@@ -14,7 +14,7 @@ whose answer only that page holds:
 Relevance is binary, as in ViDoRe v1's qrels: score 1 for the one page that answers.
 
 Which scenes, structurally: train pages show scenes of the train half of all layouts and test
-pages scenes of the test half (:func:`rematch.data.synthetic.layout_split`, as the image
+pages scenes of the test half (:func:`rematch.world.scenes.layout_split`, as the image
 world), so no page scene is in both. Everything is a pure function of ``(split, seed, count)``.
 
 LAYOUT (what M's MMEB-V2 visdoc readers read; VLM2Vec's ``vidore`` parser, BEIR configs)::
@@ -47,7 +47,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from rematch.data.synthetic import Scene, random_scene, scene_to_dict
+from rematch.world.scenes import Scene, random_scene, scene_to_dict
 from rematch.world.v2_layout import VISDOC_DIR, write_table, write_task_descriptor
 
 SPLITS = ("train", "test")

@@ -10,7 +10,7 @@ passes verification starts fine-tuning with a working matching head.
 Which scenes, structurally:
 
 * ``pretrain`` examples draw their scenes from the *train* half of all layouts
-  (:func:`rematch.data.synthetic.layout_split`); every scene of the demo's evaluation
+  (:func:`rematch.world.scenes.layout_split`); every scene of the demo's evaluation
   subsets (and each of their hard negatives and crops) comes from the *test* half, so no
   pre-training scene can be one of them, whatever the seeds;
 * ``heldout`` examples (what ``rematch eval generative`` measures) draw from the test
@@ -33,8 +33,8 @@ from typing import Sequence
 
 from PIL import Image
 
-from rematch.data.shapes_tasks import COUNT_WORDS, EVAL_SPLIT, PLURALS, TRAIN_SPLIT
-from rematch.data.synthetic import (
+from rematch.world.tasks import COUNT_WORDS, EVAL_SPLIT, PLURALS, TRAIN_SPLIT
+from rematch.world.scenes import (
     COLOURS,
     PERTURBATIONS,
     RELATIONS,

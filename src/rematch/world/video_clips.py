@@ -55,7 +55,7 @@ from typing import Callable, Iterator, Sequence
 
 from PIL import Image
 
-from rematch.data.synthetic import (
+from rematch.world.scenes import (
     COLOURS,
     GAP,
     GRID,

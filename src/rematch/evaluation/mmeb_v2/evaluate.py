@@ -3,7 +3,7 @@
 Image tasks are MMEB-V1's, scored exactly as ``eval mmeb`` scores them
 (:func:`rematch.evaluation.mmeb.evaluate_subset`); video and document tasks are read by
 their families' readers and scored by :func:`~rematch.evaluation.mmeb_v2.scoring.evaluate_ranking_task`.
-All tasks share one :class:`~rematch.evaluation.cache.CachedEncoder`, so the embedding
+All tasks share one :class:`~rematch.encoding.cache.CachedEncoder`, so the embedding
 cache, the input limits and the ``torchrun`` sharding are those of ``eval mmeb``: every
 rank reads the rows and encodes a strided shard of the unique items, rank 0 writes
 ``<Task>.json`` per task and ``summary.json`` / ``summary.md``.
@@ -20,18 +20,21 @@ from typing import Callable, Sequence
 from rematch.atomic import write_json_atomically
 from rematch.data.mmeb import iter_eval_examples, split_layout
 from rematch.data.validation import BadRowReport, DataError
-from rematch.evaluation.cache import CachedEncoder, EncodeStats
-from rematch.evaluation.distributed import gather_stats, is_main_process
+from rematch.encoding.cache import CachedEncoder, EncodeStats
+from rematch.distributed import is_main_process
+from rematch.encoding.distributed import gather_stats
 from rematch.evaluation.mmeb import (
-    TIE_RULE, _limits_preset, check_output_directory, evaluate_subset, subset_file_name)
+    TIE_RULE, check_output_directory, evaluate_subset, subset_file_name)
 from rematch.evaluation.mmeb_v2.report import summarize_v2, write_summary_v2
 from rematch.evaluation.mmeb_v2.scoring import evaluate_ranking_task
 from rematch.evaluation.mmeb_v2.tables import describe_places, find_rows
 from rematch.evaluation.mmeb_v2.tasks import (
-    DESCRIPTOR, EXTRA_TASKS, IMAGE, MODALITIES, OFFICIAL_TASKS, VIDEO, VISDOC, TaskSpec, task_from_descriptor)
+    DESCRIPTOR, EXTRA_TASKS, IMAGE, MODALITIES, OFFICIAL_TASKS, VIDEO, VISDOC, TaskSpec, task_from_descriptor,
+    with_fixed_layout)
 from rematch.evaluation.mmeb_v2.video import read_video_task
 from rematch.evaluation.mmeb_v2.visdoc import read_visdoc_task
-from rematch.evaluation.settings import InputLimits, current_limits, input_limits
+from rematch.evaluation.settings import (
+    OFFICIAL_MMEB_V2_VIDEO_FRAMES, InputLimits, current_limits, input_limits, limits_preset, video_sampling)
 
 _TOP = {IMAGE: "image-tasks", VIDEO: "video-tasks", VISDOC: "visdoc-tasks"}
 
@@ -53,6 +56,16 @@ def has_data(spec: TaskSpec, root: Path) -> bool:
     if spec.modality == VIDEO:
         return spec.rows is not None and find_rows([root / spec.rows], spec.split, config=spec.config) is not None
     return find_rows([root / t for t in spec.tables], spec.split, table="queries") is not None
+
+
+def in_layout_found(spec: TaskSpec, root: Path) -> TaskSpec:
+    """``spec`` in the layout ``root`` holds: a task with a corrected dataset (``spec.fixed``, the
+    page tasks the harness reads from ``*-page-fixed`` since 2025-11) reads that copy when it is
+    there, and its original layout otherwise."""
+    if spec.fixed is None:
+        return spec
+    fixed = with_fixed_layout(spec)
+    return fixed if find_rows([root / t for t in fixed.tables], spec.split, table="queries") is not None else spec
 
 
 def _described_tasks(root: Path) -> dict[str, TaskSpec]:
@@ -80,7 +93,8 @@ def discover_tasks(root: str | os.PathLike, modalities: Sequence[str] = MODALITI
     unknown_modalities = [m for m in modalities if m not in MODALITIES]
     if unknown_modalities:
         raise DataError(f"unknown modality {unknown_modalities[0]!r}; choose from {', '.join(MODALITIES)}")
-    known = {**OFFICIAL_TASKS, **EXTRA_TASKS, **_described_tasks(root)}
+    known = {name: in_layout_found(spec, root)
+             for name, spec in {**OFFICIAL_TASKS, **EXTRA_TASKS, **_described_tasks(root)}.items()}
     if tasks:
         chosen = []
         for name in dict.fromkeys(tasks):
@@ -121,6 +135,7 @@ def evaluate_task(encoder: CachedEncoder, spec: TaskSpec, root: str | os.PathLik
     else:
         read = read_video_task if spec.modality == VIDEO else read_visdoc_task
         result = evaluate_ranking_task(encoder, spec, read(spec, root, skip_bad=skip_bad, report=report))
+        result["data"] = spec.rows if spec.modality == VIDEO else spec.tables[0]
     result["skipped_rows"] = report.total
     return result
 
@@ -129,6 +144,7 @@ def evaluate_mmeb_v2(model, root: str | os.PathLike, out_dir: str | os.PathLike 
                      modalities: Sequence[str] = MODALITIES, tasks: Sequence[str] | None = None,
                      skip_bad: bool = False, image_root: str | None = None, batch_size: int = 16,
                      cache_dir: str | os.PathLike | None = None, limits: InputLimits | None = None,
+                     video_frames: int | None = OFFICIAL_MMEB_V2_VIDEO_FRAMES,
                      overwrite: bool = False, show_progress: bool = False,
                      log: Callable[[str], None] | None = print) -> dict:
     """Evaluate ``model`` on the MMEB-V2 tasks under ``root`` and write the report to ``out_dir``.
@@ -136,20 +152,24 @@ def evaluate_mmeb_v2(model, root: str | os.PathLike, out_dir: str | os.PathLike 
     ``model`` needs ``encode``, ``fingerprint`` and ``config`` (a :class:`~rematch.ReMatchModel`).
     ``modalities`` / ``tasks`` choose what runs (default: every task ``root`` holds).
     ``limits`` are the image/text input limits to encode with for this call (None keeps the
-    model's own). Bad rows raise an error naming file, row and field, or, with
-    ``skip_bad``, are skipped and counted (``skipped_rows``). Under ``torch.distributed``
-    every rank calls this with the same arguments and gets the same summary.
+    model's own). ``video_frames`` frames of every video are encoded, taken by the official
+    harness's rule (8, as the harness; :func:`rematch.evaluation.settings.video_sampling`;
+    None keeps the model's own sampling), recorded as ``video_sampling`` in every result.
+    Bad rows raise an error naming file, row and field, or, with ``skip_bad``, are skipped
+    and counted (``skipped_rows``). Under ``torch.distributed`` every rank calls this with the
+    same arguments and gets the same summary.
     """
     specs = discover_tasks(root, modalities, tasks)
     main = is_main_process()
     if out_dir is not None and main:
         check_output_directory(Path(out_dir), model.fingerprint(), overwrite)
     say = log if (log and main) else (lambda _: None)
-    with input_limits(model, limits) if limits is not None else contextlib.nullcontext():
+    with (input_limits(model, limits) if limits is not None else contextlib.nullcontext()), \
+            video_sampling(model, video_frames) as sampling_record:
         effective = current_limits(model)
         limits_record = None
         if effective is not None:
-            preset = limits.preset if limits is not None else _limits_preset(model, effective)
+            preset = limits.preset if limits is not None else limits_preset(model, effective)
             limits_record = dataclasses.replace(effective, preset=preset).as_dict()
         encoder = CachedEncoder(model, cache_dir, batch_size=batch_size, show_progress=show_progress and main)
         results, reports = {}, {}
@@ -160,6 +180,7 @@ def evaluate_mmeb_v2(model, root: str | os.PathLike, out_dir: str | os.PathLike 
                                        report=reports[spec.name])
                 result["model_fingerprint"] = encoder.fingerprint
                 result["input_limits"] = limits_record
+                result["video_sampling"] = sampling_record
                 results[spec.name] = result
                 if out_dir is not None and main:
                     write_json_atomically(Path(out_dir) / subset_file_name(spec.name), result)
@@ -169,7 +190,7 @@ def evaluate_mmeb_v2(model, root: str | os.PathLike, out_dir: str | os.PathLike 
             encoder.close()
     stats: EncodeStats = gather_stats(encoder.stats)
     summary = summarize_v2(results, fingerprint=encoder.fingerprint, throughput=stats.as_dict(),
-                           input_limits=limits_record, tie_rule=TIE_RULE)
+                           input_limits=limits_record, tie_rule=TIE_RULE, video_sampling=sampling_record)
     if out_dir is not None and main:
         write_summary_v2(summary, out_dir)
     say(f"All {100 * summary['all']['score']:.2f} over {summary['all']['tasks']} task(s); " + ", ".join(
@@ -183,4 +204,4 @@ def evaluate_mmeb_v2(model, root: str | os.PathLike, out_dir: str | os.PathLike 
     return summary
 
 
-__all__ = ["discover_tasks", "evaluate_mmeb_v2", "evaluate_task", "has_data"]
+__all__ = ["discover_tasks", "evaluate_mmeb_v2", "evaluate_task", "has_data", "in_layout_found"]

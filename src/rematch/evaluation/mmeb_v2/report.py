@@ -51,7 +51,8 @@ def modality_table(results: Mapping[str, Mapping]) -> dict:
 
 
 def summarize_v2(results: Mapping[str, dict], *, fingerprint: str | None = None, throughput: Mapping | None = None,
-                 input_limits: Mapping | None = None, tie_rule: str | None = None) -> dict:
+                 input_limits: Mapping | None = None, tie_rule: str | None = None,
+                 video_sampling: Mapping | None = None) -> dict:
     """The content of summary.json (see the module docstring)."""
     if not results:
         raise ValueError("no task results to summarise")
@@ -77,6 +78,7 @@ def summarize_v2(results: Mapping[str, dict], *, fingerprint: str | None = None,
         "tasks": dict(results),
         "tie_rule": tie_rule,
         "input_limits": dict(input_limits) if input_limits is not None else None,
+        "video_sampling": dict(video_sampling) if video_sampling is not None else None,
         "model_fingerprint": fingerprint,
         "throughput": dict(throughput or {}),
         "scores_are": "fractions in [0, 1]; every group score is an unweighted mean over tasks",
@@ -117,6 +119,12 @@ def render_markdown_v2(summary: Mapping) -> str:
         parts = ", ".join(f"{_TITLES[m]} {coverage[m]['evaluated']}/{coverage[m]['of']}" for m in MODALITIES)
         lines += [f"Note: {coverage['evaluated']} of {coverage['of']} MMEB-V2 tasks were evaluated ({parts}), so "
                   "'All' is not the MMEB-V2 overall score.", ""]
+    sampling = summary.get("video_sampling")
+    if sampling and "video" in summary["modalities"] and not sampling.get("matches_official"):
+        how = (f"{sampling['frames']} frames by the harness's rule" if sampling["rule"] == "mmeb_v2" else
+               f"the model's own sampling ({sampling.get('fps')} fps, at most {sampling['frames']} frames)")
+        lines += [f"Note: videos were encoded with {how}, not the official 8 frames, so the video scores are not "
+                  "comparable with the leaderboard.", ""]
     header, cells = official_layout_row(summary)
     lines += ["## Summary", "", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header),
               "| " + " | ".join(cells) + " |", ""]

@@ -6,9 +6,11 @@ correct candidates:
 
 1. every distinct query is embedded once as a query and every distinct pool item once as
    a document (QA options and class labels repeat across queries), through the
-   :class:`~rematch.evaluation.cache.CachedEncoder` (on-disk cache, strided shards across
-   ``torch.distributed`` ranks); documents without an instruction get the task's document
-   instruction (:func:`rematch.instructions.document_items`);
+   :class:`~rematch.encoding.cache.CachedEncoder` (on-disk cache, strided shards across
+   ``torch.distributed`` ranks); documents are encoded as the official harness writes them
+   (a video or a page with the task's candidate text, "Understand the content of the
+   provided video." / "... document image."; a class label or a QA option bare), with no
+   target instruction of the model's (:func:`rematch.instructions.as_written`);
 2. scores are cosine similarities (dot products of unit vectors), ranked per query;
 3. metrics from the rank of each correct candidate (:mod:`rematch.evaluation.metrics`):
    hit@1 and hit@5 (any correct candidate in the top k), NDCG@5 with linear gains in the
@@ -32,14 +34,15 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from rematch.data.items import Item, ItemError, as_item
-from rematch.evaluation.cache import CachedEncoder
-from rematch.evaluation.distributed import encode_across_ranks
+from rematch.encoding.cache import CachedEncoder
+from rematch.encoding.distributed import encode_across_ranks
 from rematch.evaluation.metrics import (
     RelevantRanks, check_finite, hit_at_k, ndcg_at_k, per_query_metrics, ranks_of_relevant)
-from rematch.evaluation.mmeb import EvalDataError, _model_config
+from rematch.evaluation.mmeb import EvalDataError
+from rematch.evaluation.settings import model_config_of
 from rematch.evaluation.mmeb_v2.records import RankingTask
 from rematch.evaluation.mmeb_v2.tasks import TaskSpec
-from rematch.instructions import document_items
+from rematch.instructions import as_written
 
 #: Score blocks are kept under this many floats (queries x candidates).
 _SCORE_BLOCK = 1 << 23
@@ -135,7 +138,7 @@ def evaluate_ranking_task(encoder: CachedEncoder, spec: TaskSpec, task: RankingT
                           ks: Sequence[int] = (1, 5)) -> dict:
     """Metrics of one video or document task (a JSON-ready dict; see the module docstring)."""
     start = time.perf_counter()
-    config = _model_config(encoder.model)
+    config = model_config_of(encoder.model)
     if not task.examples:
         raise EvalDataError(f"task {task.name}: no queries")
     queries, documents = _Unique("query"), _Unique("document")
@@ -148,7 +151,7 @@ def evaluate_ranking_task(encoder: CachedEncoder, spec: TaskSpec, task: RankingT
     with _errors_named_by_row(queries):
         query_vectors = encode_across_ranks(encoder, queries.items, "query")
     with _errors_named_by_row(documents):
-        document_vectors = encode_across_ranks(encoder, document_items(documents.items, task.name, config), "document")
+        document_vectors = encode_across_ranks(encoder, as_written(documents.items, config), "document")
 
     ks = tuple(sorted(set(ks) | {1}))
     is_global = all(example.candidates is None for example in task.examples)

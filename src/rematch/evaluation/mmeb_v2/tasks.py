@@ -61,6 +61,19 @@ QA_PROMPT = ("Given a video and a question, select the most accurate answer from
              "Return only the exact text of your chosen answer. Question: ")
 DOCUMENT_QUERY = "Find a document image that matches the given query:"
 
+#: The harness's candidate texts (its ``TASK_INST_TGT``): what a video or a page candidate says
+#: next to its frames or its image. Class labels and QA options get none: they are the bare text.
+VIDEO_CANDIDATE = "Understand the content of the provided video."
+VIDEO_CLIP_CANDIDATE = "Understand the content of the provided video clip."  # MomentSeeker's wording
+DOCUMENT_CANDIDATE = "Understand the content of the provided document image."
+#: The candidate text of each reader family (what a task of one's own of that family gets too).
+CANDIDATE_INSTRUCTIONS: dict[str, str] = {
+    **dict.fromkeys(("video_cls", "ssv2", "videomme", "nextqa", "egoschema", "mvbench", "activitynetqa"), ""),
+    **dict.fromkeys(("msrvtt", "msvd", "didemo", "youcook2", "vatex", "moment"), VIDEO_CANDIDATE),
+    "momentseeker": VIDEO_CLIP_CANDIDATE,
+    **dict.fromkeys(VISDOC_FAMILIES, DOCUMENT_CANDIDATE),
+}
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -86,10 +99,27 @@ class TaskSpec:
     pages: str | None = None
     instruction: str = ""
     language: str | None = None
+    candidate_instruction: str | None = None
+    """The text every candidate video or page carries (the harness's ``TASK_INST_TGT``); None:
+    the family's (:data:`CANDIDATE_INSTRUCTIONS`)."""
+    labels: str | None = None
+    """A class-label list shipped with rematch (``labels/<name>.txt``): the full candidate pool of
+    a global classification task, used unless the rows directory has ``labels.txt``/``labels.json``."""
+    fixed: str | None = None
+    """The directory (under ``visdoc-tasks/``) of a corrected copy of the dataset that the harness
+    reads instead since it was published (``ViDoSeek-page-fixed``); read when present, else the
+    original layout (``tables``, ``pages``)."""
 
     @property
     def primary_metric(self) -> str:
         return PRIMARY_METRIC[self.modality]
+
+    @property
+    def candidate_text(self) -> str:
+        """The text of this task's video or page candidates ("" for labels and QA options)."""
+        if self.candidate_instruction is not None:
+            return self.candidate_instruction
+        return CANDIDATE_INSTRUCTIONS.get(self.family, "")
 
     def validate(self) -> "TaskSpec":
         if self.modality not in MODALITIES:
@@ -107,19 +137,31 @@ class TaskSpec:
 
 def _video(name: str, category: str, family: str, kind: str, *, dataset: str | None = None,
            frame_dir: str | None = None, instruction: str = "", split: str = "test",
-           config: str | None = None) -> TaskSpec:
+           config: str | None = None, labels: str | None = None) -> TaskSpec:
     folder = frame_dir or name
     return TaskSpec(name, VIDEO, category, family, split=split, config=config, rows=f"video-tasks/{dataset or name}",
                     frames=f"video-tasks/frames/{kind}/{folder}", videos=f"video-tasks/videos/{kind}/{folder}",
-                    instruction=instruction)
+                    instruction=instruction, labels=labels)
 
 
 def _visdoc(name: str, category: str, table_dir: str, page_dir: str | None = None, family: str = "vidore",
-            split: str = "test") -> TaskSpec:
+            split: str = "test", fixed: str | None = None) -> TaskSpec:
     pages = f"visdoc-tasks/{page_dir or name}"
     tables = tuple(dict.fromkeys((pages, f"visdoc-tasks/{table_dir}")))
     return TaskSpec(name, VISDOC, category, family, split=split, tables=tables, pages=pages,
-                    instruction=DOCUMENT_QUERY)
+                    instruction=DOCUMENT_QUERY, fixed=fixed)
+
+
+def with_fixed_layout(spec: TaskSpec) -> TaskSpec:
+    """``spec`` reading its corrected dataset (``spec.fixed``): tables and pages in that directory.
+
+    Pages get a directory of their own, not the original one: the corrected dataset numbers
+    pages with the same ids, and a page saved from the old copy must never stand in for it.
+    """
+    if spec.fixed is None:
+        return spec
+    place = f"visdoc-tasks/{spec.fixed}"
+    return replace(spec, tables=(place,), pages=place)
 
 
 def _official_tasks() -> dict[str, TaskSpec]:
@@ -127,15 +169,15 @@ def _official_tasks() -> dict[str, TaskSpec]:
              for name, info in MMEB_SUBSETS.items()]
     cls, ret, qa = "video_cls", "video_ret", "video_qa"
     tasks += [
-        _video("K700", "CLS", "video_cls", cls, dataset="Kinetics-700",
+        _video("K700", "CLS", "video_cls", cls, dataset="Kinetics-700", labels="K700",
                instruction="Recognize the category of the video content."),
         _video("SmthSmthV2", "CLS", "ssv2", cls, frame_dir="SSv2",
                instruction="What actions or object interactions are being performed by the person in the video?"),
-        _video("HMDB51", "CLS", "video_cls", cls,
+        _video("HMDB51", "CLS", "video_cls", cls, labels="HMDB51",
                instruction="What actions or objects interactions are the person in the video doing?"),
-        _video("UCF101", "CLS", "video_cls", cls,
+        _video("UCF101", "CLS", "video_cls", cls, labels="UCF101",
                instruction="What activities or sports are being performed by the person in the video?"),
-        _video("Breakfast", "CLS", "video_cls", cls,
+        _video("Breakfast", "CLS", "video_cls", cls, labels="Breakfast",
                instruction="Recognize the breakfast type that the person is cooking in the video."),
         _video("MVBench", "QA", "mvbench", qa, split="train", instruction=QA_PROMPT),
         _video("Video-MME", "QA", "videomme", qa, instruction=QA_PROMPT),
@@ -169,8 +211,11 @@ def _official_tasks() -> dict[str, TaskSpec]:
         tasks.append(_visdoc(f"ViDoRe_{base}_multilingual", "VDRv2", base, f"{base}_multilingual"))
     for name in ("ArxivQA", "ChartQA", "MP-DocVQA", "SlideVQA", "InfoVQA", "PlotQA"):
         tasks.append(_visdoc(f"VisRAG_{name}", "VR", f"VisRAG-Ret-Test-{name}", family="visrag", split="train"))
-    tasks += [_visdoc("ViDoSeek-page", "OOD", "ViDoSeek-page"), _visdoc("ViDoSeek-doc", "OOD", "ViDoSeek"),
-              _visdoc("MMLongBench-page", "OOD", "MMLongBench"), _visdoc("MMLongBench-doc", "OOD", "MMLongBench-doc")]
+    # the page tasks: since 2025-11 the harness reads the corrected VLM2Vec/*-page-fixed datasets
+    tasks += [_visdoc("ViDoSeek-page", "OOD", "ViDoSeek-page", fixed="ViDoSeek-page-fixed"),
+              _visdoc("ViDoSeek-doc", "OOD", "ViDoSeek"),
+              _visdoc("MMLongBench-page", "OOD", "MMLongBench", fixed="MMLongBench-page-fixed"),
+              _visdoc("MMLongBench-doc", "OOD", "MMLongBench-doc")]
     return {task.name: task.validate() for task in tasks}
 
 
@@ -251,6 +296,7 @@ def categories_of(specs: Iterable[TaskSpec]) -> Mapping[str, list[str]]:
     return found
 
 
-__all__ = ["CATEGORIES", "DESCRIPTOR", "EXTRA_TASKS", "IMAGE", "MODALITIES", "OFFICIAL_TASKS", "PRIMARY_METRIC",
+__all__ = ["CANDIDATE_INSTRUCTIONS", "CATEGORIES", "DESCRIPTOR", "DOCUMENT_CANDIDATE", "VIDEO_CANDIDATE",
+           "VIDEO_CLIP_CANDIDATE", "with_fixed_layout", "EXTRA_TASKS", "IMAGE", "MODALITIES", "OFFICIAL_TASKS", "PRIMARY_METRIC",
            "TaskSpec", "VIDEO", "VISDOC", "official_task_names", "register_task", "task_from_descriptor",
            "task_spec"]

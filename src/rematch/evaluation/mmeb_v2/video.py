@@ -4,14 +4,22 @@ Each family reads the columns its published rows have (the ``VLM2Vec/<dataset>``
 and finds each video as the harness does: a directory of extracted frames under the
 task's frame root (``video-tasks/frames/<family>/<dir>/<video id>/``), or, where that is
 missing, the raw video file under its video root. Items carry the directory or the file
-as their ``video``; the model samples the frames it encodes (``ModelConfig.video_fps``,
-``video_max_frames``).
+as their ``video``; which frames are encoded is the adapter's sampling rule, which
+``eval mmeb-v2`` sets to the harness's 8 frames (``rematch.evaluation.settings.video_sampling``).
+
+Candidates are written as the harness writes them: a candidate video carries the task's
+candidate text ("Understand the content of the provided video."; MomentSeeker's "... video
+clip."), a class label or a QA option is the bare text (``TaskSpec.candidate_text``).
 
 Global tasks (retrieval, classification except SmthSmthV2) rank every query against one
-pool: all the task's videos, or all its class labels (``labels.txt`` / ``labels.json``
-beside the rows gives the full label set; otherwise the labels of the rows are the pool,
-which equals the official one whenever every class occurs in the test rows). Local tasks
-(QA, moment retrieval, SmthSmthV2) rank each query against its own options or clips.
+pool: all the task's videos, or all its class labels. A classification pool is the
+dataset's full label list, as the harness's: ``labels.txt`` / ``labels.json`` beside the
+rows when given, else the list rematch ships (``labels/<task>.txt``: Kinetics-700's 700
+classes, UCF101's 101, HMDB51's 51, Breakfast's 10, spelt as the published rows spell
+them), else, for a task of one's own, the labels of its rows. With a list, a row whose
+label is not on it is a bad row, never a silently grown pool. Local tasks (QA, moment
+retrieval, SmthSmthV2) rank each query against its own options or clips (SmthSmthV2's 174
+templates ship too, ``labels/SmthSmthV2.txt``, but its pool is each row's options).
 
 Every problem names the file, the row and the field; with ``skip_bad`` the row is skipped
 and counted instead.
@@ -39,6 +47,17 @@ MOMENTSEEKER_IMAGE = "Select the video clip that aligns with the given text and 
 MOMENTSEEKER_VIDEO = "Find the clip that corresponds to the given sentence and video segment:"
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 LABEL_FILES = ("labels.json", "labels.txt")
+#: The label lists rematch ships (``<name>.txt``, one label per line, in the rows' spelling).
+SHIPPED_LABELS = Path(__file__).with_name("labels")
+
+
+def shipped_labels(name: str) -> list[str]:
+    """A label list shipped with rematch (``labels/<name>.txt``); an error naming the file if absent."""
+    path = SHIPPED_LABELS / f"{name}.txt"
+    if not path.is_file():
+        raise DataError(f"the label list {path} is missing from this rematch installation; put the task's full "
+                        "label list in labels.txt beside its rows")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 class VideoRowReader:
@@ -53,6 +72,8 @@ class VideoRowReader:
         self.frames = self.root / spec.frames if spec.frames else None
         self.videos = self.root / spec.videos if spec.videos else None
         self.rows_dir = self.root / spec.rows if spec.rows else None
+        #: Where a classification task's fixed label pool came from (None: the rows' labels).
+        self.label_source: str | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -77,7 +98,7 @@ class VideoRowReader:
         return self.task
 
     def _add_label_file(self) -> None:
-        """The full class-label pool, when the task directory provides it."""
+        """The full class-label pool: the task directory's label file, else the list rematch ships."""
         for name in LABEL_FILES:
             path = self.rows_dir / name
             if not path.is_file():
@@ -87,9 +108,23 @@ class VideoRowReader:
             labels = [label for label in labels if isinstance(label, str) and label.strip()]
             if not labels:
                 raise DataError(f"{path}: no labels (expected a JSON list of strings, or one label per line)")
-            for number, label in enumerate(labels):
-                self.task.add_candidate(label, Item(text=label), f"{path} line {number + 1}")
+            self._set_pool(labels, str(path))
             return
+        if self.spec.labels:
+            self._set_pool(shipped_labels(self.spec.labels), str(SHIPPED_LABELS / f"{self.spec.labels}.txt"))
+        elif self.spec.official:  # a benchmark task's pool is its full label list, never the rows' labels
+            raise DataError(f"{self.spec.name}: no full label list (a smaller pool would inflate hit@1); put the "
+                            f"dataset's labels in {self.rows_dir / 'labels.txt'}, one per line")
+
+    def _set_pool(self, labels: list[str], source: str) -> None:
+        for number, label in enumerate(labels):
+            self.task.add_candidate(label, Item(text=label), f"{source} line {number + 1}")
+        self.label_source = source
+
+    @property
+    def candidate_text(self) -> str | None:
+        """The text a candidate video carries (None: no text)."""
+        return self.spec.candidate_text or None
 
     # ------------------------------------------------------------------ fields
 
@@ -158,6 +193,9 @@ class VideoRowReader:
 
 def _classification(reader: VideoRowReader, row, ref) -> RankingExample:
     video_id, label = reader.text(row, "video_id", ref), reader.text(row, "pos_text", ref)
+    if reader.label_source is not None and reader.task.index_of(label) is None:
+        raise BadRow(RowProblem(SCHEMA, ref, "pos_text", f"label {label!r} is not in the task's label list "
+                                f"({reader.label_source})"[:300]))
     query = media_item(text=reader.spec.instruction, video=reader.video(video_id, ref, "video_id"))
     return reader.ranked_against_pool(query, label, Item(text=label), ref)
 
@@ -185,7 +223,7 @@ def _retrieval(id_field: str | None, file_field: str, caption_field: str, captio
             file_name = os.path.basename(file_name)
         video = reader.video(video_id, ref, id_field or file_field, video_file=file_name)
         query = Item(text=with_instruction(reader.spec.instruction, caption))
-        return reader.ranked_against_pool(query, video_id, media_item(video=video), ref)
+        return reader.ranked_against_pool(query, video_id, media_item(text=reader.candidate_text, video=video), ref)
 
     return read
 
@@ -195,7 +233,7 @@ def _vatex(reader: VideoRowReader, row, ref) -> RankingExample:
     caption = reader.texts(row, "enCap", ref, first_only=True)[0]
     video = reader.video(video_id, ref, "videoID", video_file=f"{video_id}.mp4")
     query = Item(text=with_instruction(reader.spec.instruction, caption))
-    return reader.ranked_against_pool(query, video_id, media_item(video=video), ref)
+    return reader.ranked_against_pool(query, video_id, media_item(text=reader.candidate_text, video=video), ref)
 
 
 def _moment(reader: VideoRowReader, row, ref) -> RankingExample:
@@ -210,7 +248,8 @@ def _moment(reader: VideoRowReader, row, ref) -> RankingExample:
     if not positives:
         raise BadRow(RowProblem(MISSING_VIDEO, ref, "video_path", f"{clips_dir} has no clip directory named "
                                 "positive* (the correct moment)"))
-    options = [(str(clips_dir / clip), media_item(video=reader.video(clip, ref, "video_path", frames=clips_dir)))
+    options = [(str(clips_dir / clip), media_item(text=reader.candidate_text,
+                                                  video=reader.video(clip, ref, "video_path", frames=clips_dir)))
                for clip in clips]
     query = media_item(text=with_instruction(reader.spec.instruction, text), video=query_video)
     return reader.ranked_against_own(query, options, [str(clips_dir / p) for p in positives], ref, "video_path")
@@ -244,7 +283,8 @@ def _momentseeker(reader: VideoRowReader, row, ref) -> RankingExample:
         if entries is None or not all(isinstance(p, str) and p for p in paths):
             raise BadRow(RowProblem(SCHEMA, ref, field, "must be a list of objects with an 'output_path'"))
         clips[field] = [_momentseeker_clip(p) for p in paths]
-    options = [(str(clips_root / clip), media_item(video=reader.video(clip, ref, field, frames=clips_root)))
+    options = [(str(clips_root / clip), media_item(text=reader.candidate_text,
+                                                   video=reader.video(clip, ref, field, frames=clips_root)))
                for field in ("positive_frames", "negative_frames") for clip in clips[field]]
     correct = [str(clips_root / clip) for clip in clips["positive_frames"]]
     return reader.ranked_against_own(query, options, correct, ref, "positive_frames")
@@ -356,4 +396,4 @@ def read_video_task(spec: TaskSpec, root: str | os.PathLike, skip_bad: bool = Fa
     return VideoRowReader(spec, root, skip_bad=skip_bad, report=report).read()
 
 
-__all__ = ["FAMILIES", "VideoRowReader", "read_video_task"]
+__all__ = ["FAMILIES", "SHIPPED_LABELS", "VideoRowReader", "read_video_task", "shipped_labels"]

@@ -12,10 +12,18 @@ a Hugging Face split inside ``<table>/`` (how ``vidore/*_beir`` and
   are kept as grades, so NDCG@5 is graded where the dataset grades (ViDoRe v2).
 
 A query is text (the task instruction, then the query); every page of the corpus is a
-candidate for every query (a "global" ranking), an image item. Page images the corpus
+candidate for every query (a "global" ranking), an image item with the harness's candidate
+text ("Understand the content of the provided document image."). Page images the corpus
 embeds are written once into the page directory, under the name the official harness
 uses (``<corpus-id>.png``; VisRAG: the name cut to 50 characters plus a hash), so a
 directory prepared by either tool serves both.
+
+ViDoSeek-page and MMLongBench-page: since 2025-11 the harness reads the corrected datasets
+``VLM2Vec/ViDoSeek-page-fixed`` and ``VLM2Vec/MMLongBench-page-fixed``. Their snapshot in
+``visdoc-tasks/<name>-page-fixed/`` is read when it is there (its pages are saved in that
+directory, never mixed with the old copy's pages of the same ids); otherwise the original
+layout is read, as before (:func:`rematch.evaluation.mmeb_v2.evaluate.in_layout_found`;
+every result names the directory it read as ``data``).
 """
 
 from __future__ import annotations
@@ -83,7 +91,8 @@ class VisdocReader:
         for ref, row in self._rows("corpus"):
             try:
                 corpus_id = _identifier(row, "corpus-id", ref)
-                self.task.add_candidate(corpus_id, Item(image=self._page(row, corpus_id, ref)), str(ref))
+                page = Item(text=self.spec.candidate_text or None, image=self._page(row, corpus_id, ref))
+                self.task.add_candidate(corpus_id, page, str(ref))
             except BadRow as issue:
                 self._handle(issue)
         if not self.task.pool:

@@ -52,7 +52,9 @@ class ExportedEmbedder:
         if item.get("image") is not None:
             has_mark = IMAGE_PLACEHOLDER.search(content)
             content = IMAGE_PLACEHOLDER.sub(VISION_BLOCK, content, count=1) if has_mark else VISION_BLOCK + content
-        return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{content}<|im_end|>\n"
+        # Qwen3-VL's template writes no system turn for its default prompt (settings list it)
+        head = "" if system in settings.get("no_system_turn_for", []) else f"<|im_start|>system\n{system}<|im_end|>\n"
+        return (f"{head}<|im_start|>user\n{content}<|im_end|>\n"
                 f"<|im_start|>assistant\n" + "".join(settings["role_tokens"][role]))
 
     @torch.inference_mode()
