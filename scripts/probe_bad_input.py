@@ -92,6 +92,8 @@ class Case:
     protect: tuple[str, ...] = ()
     """Paths under the case dir (made by ``setup``) that must come through unchanged, like the user's folder."""
     env: dict = field(default_factory=dict)
+    file_size_cap: int | None = None
+    """RLIMIT_FSIZE for the case: every write past it fails as on a full disk (EFBIG for ENOSPC)."""
 
 
 CASES: list[Case] = []
@@ -816,6 +818,280 @@ cli("demo-out-user-folder", "demo", DEMO.replace("{W}/demo", "{U}"), expect="eit
     check=file_exists("my-project/report.md"))
 cli("demo-out-is-a-file", "demo", DEMO.replace("{W}/demo", "{U}/notes.txt"), fragments=("notes.txt",), timeout=90)
 
+# ---------------------------------------------------------------- issue 27: outputs over a user's files
+# The user's folder (U) holds their own file under each of the command's output names; a changed
+# one is LOSS. Refusing (CLEAR) or writing only beside them (OK) keeps them.
+
+
+def user_outputs(*names: str) -> Callable[[Path, World], None]:
+    """Put the user's own file (or, for a name without a suffix, a folder with a file) under each name in U."""
+
+    def setup(work: Path, world: World) -> None:
+        user = Path(world["U"])
+        for name in names:
+            target = user / name
+            if "." in name.strip("."):
+                target.write_text(f"the user's own {name}\n")
+            else:
+                target.mkdir(exist_ok=True)
+                (target / "mine.txt").write_text(f"the user's own {name}\n")
+
+    return setup
+
+
+MMEB_NAMES = ("summary.json", "summary.md", "summary.png", "ShapesCLS.json", "ShapesVQA.json")
+cli("out27-mmeb-user-names", "outputs", MMEB.replace("{W}/e", "{U}"), setup=user_outputs(*MMEB_NAMES),
+    fragments=("my-project",), timeout=120)
+cli("out27-mmeb-user-names-overwrite", "outputs", MMEB.replace("{W}/e", "{U}") + " --overwrite",
+    setup=user_outputs(*MMEB_NAMES), fragments=("my-project",), timeout=120)
+cli("out27-mmeb-own-output-edited", "outputs", MMEB + " --overwrite", timeout=120, fragments=("summary.md",),
+    setup=lambda w, world: (subprocess.run([sys.executable, "-m", "rematch.cli", *fill(MMEB, dict(world, W=str(w)))
+                                            .split()], capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1",
+                                                                                      HF_HUB_OFFLINE="1")),
+                            (w / "e" / "summary.md").write_text("my edits\n")), protect=("e/summary.md",))
+def _v2_world(work: Path, world: World) -> None:
+    """A shapes world with pages: MMEB-V2's visual-document layout."""
+    subprocess.run([sys.executable, "-m", "rematch.cli", "data", "synth", "--out", str(work / "v2"), "--train-rows", "4",
+                    "--eval-queries", "2", "--candidates", "4", "--image-size", "28", "--pages", "2"],
+                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+cli("out27-mmeb-v2-user-names", "outputs", "eval mmeb-v2 --model {M} --allow-untrained --data {W}/v2 --out {U} "
+    "--modalities visdoc --no-cache", setup=chain(_v2_world, user_outputs("summary.json", "summary.md",
+                                                                           "ShapesPages.json")),
+    fragments=("my-project",), timeout=120)
+cli("out27-retrieval-user-names", "outputs", RET.replace("{W}/r", "{U}"), setup=user_outputs("retrieval.json"),
+    fragments=("my-project",), timeout=90)
+cli("out27-generative-user-names", "outputs", "eval generative --model tiny-pretrained --scenes 1 --out {U}",
+    setup=user_outputs("generative.json"), fragments=("my-project",), timeout=90)
+cli("out27-demo-user-names", "outputs", DEMO.replace("{W}/demo", "{U}"), setup=user_outputs("report.md", "runs"),
+    fragments=("my-project",), timeout=90)
+def _users_array(work: Path, world: World) -> None:
+    import numpy as np
+
+    np.save(Path(world["U"]) / "v.npy", np.eye(3))  # a real array, but the user's own
+
+
+cli("out27-encode-over-user-array", "outputs", "encode --model {M} --allow-untrained --input {E} --out {U}/v.npy",
+    setup=_users_array, fragments=("v.npy", "--overwrite"))
+cli("out27-mine-into-users-data", "outputs", "mine --random --data {D} --out {U} --rank-window 1:3",
+    setup=user_outputs("ShapesCLS", "mining_report.json"), fragments=("my-project",), timeout=90)
+cli("out27-synth-over-world-with-users-subset", "outputs", SYNTH.replace("{W}/s", "{W}/world") + " --overwrite",
+    setup=lambda w, world: (shutil.copytree(world["D"], w / "world"), (w / "world" / "MySubset").mkdir(),
+                            (w / "world" / "MySubset" / "train.jsonl").write_text('{"qry": "mine"}\n')),
+    protect=("world/MySubset",), fragments=("MySubset",))
+cli("out27-tiny-over-trained-model-with-notes", "outputs", "tiny --out {W}/t --num-tokens 2 --overwrite",
+    setup=chain(copy_of("T", "t"), files(**{"t__notes.md": "what I found\n", "t__eval__summary.json": "{}\n"})),
+    protect=("t/notes.md", "t/eval"), fragments=("notes.md",))
+for flag in ("--overwrite", "--resume"):
+    cli(f"out27-train{flag}-on-project-folder", "outputs", TRAIN.replace("{W}/run", "{U}") + " " + flag,
+        setup=user_outputs("config.yaml", "losses.jsonl", "data", "model"), fragments=("my-project",), timeout=120)
+    cli(f"out27-pretrain{flag}-on-project-folder", "outputs",
+        "pretrain --config " + str(Path(__file__).resolve().parents[1] / "configs" / "pretrain-tiny.yaml")
+        + " --out {U} --no-progress " + flag, setup=user_outputs("config.yaml", "losses.jsonl", "model"),
+        fragments=("my-project",), timeout=120)
+api("out27-synth-kill-9-then-rerun", r"""
+import json, os, signal, subprocess, sys, time
+args = ["--train-rows", "3000", "--eval-queries", "20", "--candidates", "20", "--image-size", "56"]
+run = lambda out: subprocess.run([sys.executable, "-m", "rematch.cli", "data", "synth", "--out", out, *args],
+                                 capture_output=True)
+run(W + "/clean")
+process = subprocess.Popen([sys.executable, "-m", "rematch.cli", "data", "synth", "--out", W + "/killed", *args])
+deadline = time.time() + 60
+while not any(p.startswith(".killed.tmp-") for p in os.listdir(W)) and time.time() < deadline:
+    time.sleep(0.02)
+time.sleep(0.3)
+process.send_signal(signal.SIGKILL)
+process.wait()
+run(W + "/killed")
+same = open(W + "/clean/manifest.json", "rb").read() == open(W + "/killed/manifest.json", "rb").read()
+assert_silent(same, "manifest.json after kill -9 and a rerun differs from a clean run's")
+assert_silent(not any(".tmp-" in p for p in os.listdir(W)), "the killed write's temporary folder was left behind")
+""", expect="ok", timeout=180)
+
+# ---------------------------------------------------------------- issue 27: stale or wrong vectors
+
+
+def heads_change(change: Callable) -> Callable[[Path], None]:
+    def mutate(root: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(root / "rematch_heads.safetensors"))
+        change(tensors)
+        save_file(tensors, str(root / "rematch_heads.safetensors"))
+
+    return mutate
+
+
+def from_other(key: str, name: str) -> Callable[[Path, World], None]:
+    def setup(work: Path, world: World) -> None:
+        shutil.copytree(world["M"], work / "m")
+        shutil.copy2(Path(world[key]) / name, work / "m" / name)
+
+    return setup
+
+
+STALE_MODELS = {
+    "inf-heads": heads_change(lambda t: t["query_tokens"].fill_(float("inf"))),
+    "int64-heads": heads_change(lambda t: t.update(query_tokens=t["query_tokens"].long())),
+    "max-text-tokens-float": edit_json("rematch_config.json", lambda d: d["model"].update(max_text_tokens=512.5)),
+    "max-text-tokens-float-whole": edit_json("rematch_config.json", lambda d: d["model"].update(max_text_tokens=512.0)),
+    "dtype-float64": edit_json("rematch_config.json", lambda d: d["model"].update(dtype="float64")),
+    "patch-size-0": edit_json("preprocessor_config.json", lambda d: d.update(patch_size=0)),
+}
+for label, mutate in STALE_MODELS.items():
+    cli(f"vec27-model-{label}", "vectors", ENCM + "{W}/m", setup=copy_of("M", "m", mutate), fragments=("m",))
+cli("vec27-model-heads-of-another-model", "vectors", ENCM + "{W}/m", setup=from_other("MS", "rematch_heads.safetensors"),
+    fragments=("rematch_heads",))
+cli("vec27-model-backbone-of-another-model", "vectors", ENCM + "{W}/m", setup=from_other("MS", "model.safetensors"),
+    fragments=("model.safetensors",))
+for label, change in {"preprocessor": ("preprocessor_config.json", lambda d: d.update(image_mean=[0.5, 0.5, 0.5])),
+                      "tokenizer": ("tokenizer.json", lambda d: d.update(
+                          normalizer={"type": "Replace", "pattern": {"String": "q"}, "content": "k"})),
+                      "backbone-config": ("config.json", lambda d: d["text_config"].update(rms_norm_eps=1e-3))}.items():
+    cli(f"vec27-search-index-of-model-before-{label}-edit", "vectors", SEARCH + " --model {W}/m",
+        setup=copy_of("M", "m", edit_json(*change)), fragments=("fingerprint",))
+api("vec27-cache-image-swapped-same-size-and-mtime", r"""
+from PIL import Image
+from rematch.data.items import Item
+from rematch.encoding.cache import CachedEncoder
+from rematch import ReMatchModel
+import os
+Image.new("RGB", (40, 30), "red").save(W + "/a.bmp"); Image.new("RGB", (40, 30), "blue").save(W + "/b.bmp")
+m = ReMatchModel.load(M, "cpu"); items = [Item(image=W + "/a.bmp")]
+CachedEncoder(m, W + "/cache").encode(items, "document")
+st = os.stat(W + "/a.bmp"); open(W + "/a.bmp", "wb").write(open(W + "/b.bmp", "rb").read())
+os.utime(W + "/a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+again = CachedEncoder(m, W + "/cache"); again.encode(items, "document")
+assert_silent(again.stats.encoded == 1, "an image swapped for another of the same size and mtime was served from the cache")
+""", expect="ok")
+TRAIN_RESUME = TRAIN.replace("--steps 1", "--steps 2") + " --model.num_tokens 2 --resume"
+
+
+def checkpoint_mutation(change: Callable[[Path], None]) -> Callable[[Path, World], None]:
+    def setup(work: Path, world: World) -> None:
+        shutil.copytree(world["TRUN"], work / "run")
+        change(work / "run" / "checkpoints" / "step-00000001")
+
+    return setup
+
+
+def _state_edit(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def mutate(checkpoint: Path) -> None:
+        state = json.loads((checkpoint / "state.json").read_text())
+        change(state)
+        (checkpoint / "state.json").write_text(json.dumps(state))
+        manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+        manifest["files"]["state.json"] = (checkpoint / "state.json").stat().st_size
+        manifest.pop("checksums", None)  # a careful hand: the manifest agrees
+        (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+    return mutate
+
+
+for label, change, fragment in [
+        ("flipped-weight-bytes", flip_byte("trainable.safetensors"), "trainable.safetensors"),
+        ("step-disagrees-with-directory", _state_edit(lambda s: s.update(step=7)), "step"),
+        ("garbage-data-state", _state_edit(lambda s: s.update(data_state="garbage")), "data_state"),
+        ("garbage-data-state-object", _state_edit(lambda s: s.update(data_state={"format": 1, "subsets": 3})),
+         "data_state")]:
+    cli(f"vec27-resume-{label}", "vectors", TRAIN_RESUME, setup=checkpoint_mutation(change), fragments=(fragment,),
+        timeout=120)
+for label, text in {"zero-width": "\u200b\u200c\u200d", "bidi-override": "\u202e\u2066\u2069\ufeff"}.items():
+    cli(f"vec27-encode-text-only-{label}", "vectors", ENC + " {W}/in.jsonl",
+        setup=files(**{"in.jsonl": [ROW, {"text": text}]}), fragments=("row 1",))
+
+
+def _corpus_with_fifo_and_loop(work: Path, world: World) -> None:
+    (work / "pics").mkdir()
+    (work / "pics" / "a.png").write_bytes(GOOD_PNG)
+    os.mkfifo(work / "pics" / "pipe.png")
+    os.symlink(work / "pics" / "loop.png", work / "pics" / "loop.png")
+
+
+def _fifo_and_loop_reported(work: Path, world: World, result) -> str | None:
+    if "skipped 2" not in result.stderr:
+        return "the FIFO and the symlink loop in the corpus folder were skipped without a word"
+    return None
+
+
+cli("vec27-corpus-folder-fifo-and-symlink-loop", "vectors", BUILD.replace("{C}", "{W}/pics"), expect="ok",
+    setup=_corpus_with_fifo_and_loop, check=_fifo_and_loop_reported, timeout=60)
+cli("vec27-train-empty-config", "vectors", TRAIN + " --config {W}/c.yaml", setup=files(**{"c.yaml": ""}),
+    fragments=("c.yaml",))
+cli("vec27-info-nan", "vectors", "info {W}/m", setup=copy_of("M", "m", lambda root: (root / "rematch_config.json")
+                                                            .write_text((root / "rematch_config.json").read_text()
+                                                                        .replace('"num_tokens": 2', '"num_tokens": NaN',
+                                                                                 1))), fragments=("NaN",))
+
+# ---------------------------------------------------------------- issue 27: tracebacks for user errors
+
+
+def _corrupt_cache(work: Path, world: World) -> None:
+    subprocess.run([sys.executable, "-m", "rematch.cli", *fill(MMEB, dict(world, W=str(work))).split()],
+                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    for database in (work / "cache").glob("*.sqlite3"):
+        database.write_bytes(b"not a database" * 100)
+
+
+cli("tb27-corrupt-sqlite-cache", "tracebacks", MMEB.replace("{W}/e", "{W}/e2"), setup=_corrupt_cache,
+    fragments=("sqlite3",), timeout=180)
+V2_SHAPE = json.dumps({"all": {"score": 0.5, "tasks": 1}, "modalities": {"image": {"score": 0.5}}})
+cli("tb27-compare-v2-summary", "tracebacks", "eval mmeb --out {W}/a --compare {W}/b",
+    setup=files(**{"a__summary.json": '{"subsets": {}, "groups": {}}', "b__summary.json": V2_SHAPE}),
+    fragments=("summary.json",))
+cli("tb27-export-eval-v2-summary", "tracebacks", "export {T} {W}/x --eval {W}/b",
+    setup=files(**{"b__summary.json": V2_SHAPE}), fragments=("summary.json",))
+cli("tb27-hnsw-m-1", "tracebacks", BUILD + " --index-type hnsw --hnsw-m 1", fragments=("hnsw",))
+cli("tb27-all-loss-weights-0", "tracebacks", TRAIN + " --loss.contrastive 0 --loss.orthogonality 0 "
+    "--loss.matching 0", fragments=("loss.",))
+cli("tb27-full-disk-writing-a-checkpoint", "tracebacks", TRAIN.replace("--steps 1", "--steps 2")
+    + " --train.save_every 1 --model.num_tokens 2", file_size_cap=1 << 20, fragments=("checkpoint",), timeout=120)
+
+# ---------------------------------------------------------------- issue 27: bounds and messages
+BUSY_SOCKETS: list = []
+
+
+def _busy_port(work: Path, world: World) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    BUSY_SOCKETS.append(listener)  # held open for the rest of the probe
+    world["PORT"] = str(listener.getsockname()[1])
+
+
+def _sparse(name: str, size: int = 3 << 30) -> Callable[[Path, World], None]:
+    def setup(work: Path, world: World) -> None:
+        with open(work / name, "wb") as handle:
+            handle.truncate(size)
+
+    return setup
+
+
+cli("bound27-train-steps-2**70", "bounds", TRAIN.replace("--steps 1", f"--steps {2**70}"), fragments=("steps",))
+cli("bound27-pretrain-steps-2**70", "bounds", "pretrain --out {W}/p --no-progress --train.steps " + str(2**70),
+    fragments=("steps",))
+cli("bound27-demo-steps-10**23", "bounds", DEMO + f" --steps {10**23}", fragments=("steps",))
+cli("bound27-train-batch-larger-than-data", "bounds", TRAIN.replace("--train.batch_size 2", "--train.batch_size 5000"),
+    fragments=("train.batch_size",), timeout=120)
+cli("bound27-train-config-3gb-sparse", "bounds", TRAIN + " --config {W}/c.yaml", setup=_sparse("c.yaml"),
+    fragments=("c.yaml",))
+cli("bound27-info-rematch-config-3gb-sparse", "bounds", "info {W}/m",
+    setup=chain(copy_of("M", "m"), _sparse("m/rematch_config.json")), fragments=("rematch_config.json",))
+cli("bound27-serve-busy-port", "bounds", "serve --model {M} --allow-untrained --port {PORT}", setup=_busy_port,
+    fragments=("{PORT}",), timeout=90)
+LONG = "a" * 5000
+for label, args in {"tiny": f"tiny --out {{W}}/{LONG}", "synth": SYNTH.replace("{W}/s", "{W}/" + LONG),
+                    "mmeb": MMEB.replace("{W}/e", "{W}/" + LONG), "train": TRAIN.replace("{W}/run", "{W}/" + LONG),
+                    "encode": f"encode --model {{M}} --allow-untrained --input {{E}} --out {{W}}/{LONG}.npy",
+                    "index": BUILD.replace("{W}/i", "{W}/" + LONG)}.items():
+    cli(f"bound27-{label}-out-5000-characters", "bounds", args, fragments=("too long",), timeout=90)
+for label, flags in {"min-above-max": "--min-pixels 5000 --max-pixels 4000", "max-pixels-1": "--max-pixels 1",
+                     "min-above-max-model-limits": "--input-limits model --min-pixels 5000 --max-pixels 4000"}.items():
+    cli(f"bound27-mmeb-{label}", "bounds", MMEB + " " + flags, fragments=("pixels",), timeout=90)
+
 # ---------------------------------------------------------------- API
 PRELUDE = "from rematch import ReMatchModel; m = ReMatchModel.load(M, 'cpu')\n"
 api("api-encode-batch-size-zero", PRELUDE + "m.encode(['a'], batch_size=0)")
@@ -905,9 +1181,10 @@ def build_world(root: Path, env: dict) -> World:
         if result.returncode != 0:
             raise SystemExit(f"fixture step failed: rematch {' '.join(args)}\n{result.stderr[-3000:]}")
 
-    world["M"], world["M5"] = str(root / "model"), str(root / "model-k5")
+    world["M"], world["M5"], world["MS"] = str(root / "model"), str(root / "model-k5"), str(root / "model-seed7")
     run("tiny", "--out", world["M"], "--k", "2")
     run("tiny", "--out", world["M5"], "--k", "5")
+    run("tiny", "--out", world["MS"], "--k", "2", "--seed", "7")  # heads and backbone to swap in (issue 27)
     world["D"] = str(root / "mmeb")
     run("data", "synth", "--out", world["D"], "--train-rows", "20", "--eval-queries", "5", "--candidates", "8",
         "--image-size", "56")
@@ -943,6 +1220,18 @@ def _limit_memory() -> None:
     os.setsid()  # its own process group, so a timeout can end everything it started
 
 
+def _limits(case: Case) -> Callable[[], None]:
+    def limit() -> None:
+        _limit_memory()
+        if case.file_size_cap is not None:
+            import signal
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap fails instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (case.file_size_cap, case.file_size_cap))
+
+    return limit
+
+
 def run_case(case: Case, world: World, work_root: Path, env: dict, number: int) -> Outcome:
     work = work_root / f"{number:03d}-{re.sub(r'[^A-Za-z0-9_.=-]', '_', case.name)}"
     work.mkdir(parents=True)
@@ -964,7 +1253,7 @@ def run_case(case: Case, world: World, work_root: Path, env: dict, number: int) 
     started = time.perf_counter()
     timed_out = False
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               errors="replace", env=dict(env, **case.env), preexec_fn=_limit_memory,
+                               errors="replace", env=dict(env, **case.env), preexec_fn=_limits(case),
                                cwd=str(user if case.cwd_user else work), stdin=subprocess.DEVNULL)
     try:
         stdout, stderr = process.communicate(timeout=case.timeout)
@@ -1044,7 +1333,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print(f"building the fixture world in {root} ...", flush=True)
     world = build_world(root / "world", env)
-    fixtures_before = {key: tree_digest(Path(world[key])) for key in ("M", "M5", "T", "D", "C", "E", "I", "Q", "QR")}
+    fixtures_before = {key: tree_digest(Path(world[key])) for key in ("M", "M5", "MS", "T", "D", "C", "E", "I", "Q",
+                                                                      "QR")}
     print(f"fixtures ready in {time.perf_counter() - started:.0f} s; running {len(cases)} cases, "
           f"{args.jobs} at a time", flush=True)
     lock = threading.Lock()

@@ -24,6 +24,8 @@ ROLES = ("query", "document")
 VIDEO_SAMPLING_RULES = ("fps", "mmeb_v2")
 #: ModelConfig.target_prompt_style values (rematch.instructions).
 TARGET_PROMPT_STYLES = ("b3", "system")
+#: What the matching loss is a cross-entropy over (``loss.matching_vocabulary``): see LossConfig.
+MATCHING_VOCABULARIES = ("full", "yes_no")
 #: ModelConfig fields added after models were saved, with the value a model saved before the
 #: field existed behaves as. Loading fills them in (a ``rematch_config.json`` without the field
 #: keeps encoding as it was trained), and a model's fingerprint leaves a field out while it has
@@ -215,6 +217,13 @@ class LossConfig:
     hard_negatives: bool = True
     """Use the data's hard negatives (in the contrastive pool and for matching). False trains
     with in-batch negatives only, as the ablation's baseline does."""
+    matching_vocabulary: str = "yes_no"
+    """What the matching loss is a cross-entropy over. ``full``: the paper's L_qdm, the
+    generative cross-entropy over the whole vocabulary at each answer position, the "Yes" or
+    "No" token as the target (logits at the answer positions only, never the whole sequence);
+    the paper recipes set it. ``yes_no``: a 2-way softmax over the "Yes" and "No" rows of the
+    LM head, the default, so the demo and runs saved before the option keep their numbers.
+    Reranking scores p(Yes) / (p(Yes) + p(No)) either way."""
 
 
 @dataclass
@@ -288,10 +297,10 @@ class LoopConfig:
 
     def validate(self) -> None:
         """Steps, optimiser and schedule values, logging and checkpoint intervals, and the seed."""
-        if self.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ConfigError(f"train.steps must be within 1..{MAX_STEPS}, got {self.steps}")
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigError(f"train.batch_size must be within 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio <= 1:
@@ -310,6 +319,13 @@ class LoopConfig:
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         check_seed("train.seed", self.seed, 2**32 - 1)  # accelerate's set_seed also seeds NumPy
+
+
+#: Upper bounds of a run's length and batch: far beyond any real run (the paper trains 2,500
+#: steps of 128 per process), low enough that a typo (``--steps 2**70``) is an error, not a run
+#: that never ends or a batch that fills the memory.
+MAX_STEPS = 10**9
+MAX_BATCH_SIZE = 1 << 16
 
 
 @dataclass
@@ -365,6 +381,12 @@ class Config:
         for name in ("contrastive", "orthogonality", "matching"):
             if not (math.isfinite(getattr(self.loss, name)) and getattr(self.loss, name) >= 0):
                 raise ConfigError(f"loss.{name} must be >= 0")
+        if not (self.loss.contrastive or self.loss.orthogonality or self.loss.matching):
+            raise ConfigError("loss.contrastive, loss.orthogonality and loss.matching are all 0: there is nothing "
+                              "to train; give at least one of them a weight > 0")
+        if self.loss.matching_vocabulary not in MATCHING_VOCABULARIES:
+            raise ConfigError(f"loss.matching_vocabulary must be one of {', '.join(MATCHING_VOCABULARIES)}, got "
+                              f"{self.loss.matching_vocabulary!r}")
         check_seed("data.builtin_seed", self.data.builtin_seed, 2**32 - 1)
         if self.lora.enabled:  # PEFT checks these only when the model is built, some not at all
             self.lora.validate()
@@ -385,11 +407,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
     """Build a config from defaults, then a YAML file, then dotted overrides, in that order."""
     config = cls()
     if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = yaml.safe_load(handle) or {}
-            except (yaml.YAMLError, UnicodeDecodeError) as error:
-                raise ConfigError(f"{path}: not a valid YAML file ({' '.join(str(error).split())})") from None
+        data = read_config_file(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level of a config file must be a mapping")
         config = merge_mapping(config, data, where=str(path))
@@ -397,6 +415,38 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
     if hasattr(config, "validate"):
         config.validate()
     return config
+
+
+#: The largest config file read: a recipe is a few KB; a multi-GB (even sparse) file was read whole.
+MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The parsed YAML of a config file: a missing, oversized, empty or unparsable file is a
+    :class:`ConfigError` naming it (an empty file once trained on the defaults without a word)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror or error})") from None
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a config file")
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a regular file; give a YAML config file")
+    if size > MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"{path}: {size} bytes, far more than a config file (at most {MAX_CONFIG_FILE_BYTES}); "
+                          "is this the right file?")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = yaml.safe_load(handle.read(MAX_CONFIG_FILE_BYTES + 1))
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not a valid YAML file ({' '.join(str(error).split())})") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty; give the settings to change, or leave out --config "
+                          "to use the defaults")
+    return data
 
 
 def merge_mapping(config: T, data: Mapping[str, Any], where: str = "config") -> T:

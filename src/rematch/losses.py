@@ -6,9 +6,11 @@ L = w_cl * L_cl + w_orth * L_orth + w_qdm * L_qdm   (paper: 1, 0.5, 0.1)
   cosine similarity / tau.
 * ``orthogonality``: the mean squared cosine between distinct learnable-token states,
   2/(K(K-1)) * sum_{i<j} cos(e_i, e_j)^2, which keeps the K tokens complementary.
-* ``matching_loss``: cross-entropy of the Yes/No answer over the two answer logits
-  (a 2-way softmax over the "Yes" and "No" rows of the LM head; the full vocabulary is
-  never computed).
+* ``matching_loss``: cross-entropy of the Yes/No answer at each answer position, in one of
+  two forms (``loss.matching_vocabulary``): ``full``, the paper's L_qdm, the generative
+  cross-entropy over the whole vocabulary with the "Yes" or "No" token as the target (the
+  logits are computed at the answer positions only); ``yes_no``, a 2-way softmax over the
+  "Yes" and "No" rows of the LM head (the full vocabulary is never computed).
 
 Several processes: every term's VALUE is the one a single process would compute on the
 global batch (the concatenation of every rank's rows, in rank order), and its GRADIENT
@@ -118,9 +120,29 @@ def orthogonality(token_states: torch.Tensor) -> torch.Tensor:
     return orthogonality_per_item(token_states).mean()
 
 
-def matching_loss(answer_logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over [Yes, No] logits (..., 2); label 0 = "Yes" (relevant), 1 = "No"."""
-    return F.cross_entropy(answer_logits.reshape(-1, 2).float(), labels.reshape(-1), reduction=reduction)
+def matching_loss(answer_logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+                  answer_token_ids: tuple[int, int] | None = None) -> torch.Tensor:
+    """Cross-entropy of the answers; label 0 = "Yes" (relevant), 1 = "No".
+
+    Without ``answer_token_ids`` the logits are the [Yes, No] pair (..., 2) and this is the
+    2-way cross-entropy (``yes_no``). With them the logits span the vocabulary (..., V) and
+    the target of label 0 is token ``answer_token_ids[0]`` ("Yes"), of label 1 token
+    ``answer_token_ids[1]`` ("No"): the generative cross-entropy of a causal LM (``full``),
+    computed in float32 as transformers computes it.
+    """
+    if answer_token_ids is None:
+        return F.cross_entropy(answer_logits.reshape(-1, 2).float(), labels.reshape(-1), reduction=reduction)
+    targets = torch.tensor(answer_token_ids, dtype=torch.long, device=labels.device)[labels.reshape(-1)]
+    return F.cross_entropy(answer_logits.reshape(-1, answer_logits.shape[-1]).float(), targets, reduction=reduction)
+
+
+def yes_no_logits(answer_logits: torch.Tensor, answer_token_ids: tuple[int, int] | None = None) -> torch.Tensor:
+    """The [Yes, No] logits (N, 2) of answers given as :func:`matching_loss` takes them: the
+    pair itself, or its two columns of vocabulary logits. What reranking's p(Yes) / (p(Yes) +
+    p(No)) and the matching accuracy read, whichever loss trained the head."""
+    if answer_token_ids is None:
+        return answer_logits.reshape(-1, 2)
+    return answer_logits.reshape(-1, answer_logits.shape[-1])[:, list(answer_token_ids)]
 
 
 def global_means(local_sums: dict[str, tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
@@ -173,14 +195,20 @@ class ReMatchLoss(nn.Module):
 
     ``answer_logits`` of shape (0, 2) (a rank whose matching plan is empty this step) is
     fine: it contributes no pair, and the ranks still agree on the collective calls.
+
+    ``answer_token_ids`` ("Yes", "No" token ids) says the answer logits span the vocabulary
+    and the matching term is the generative cross-entropy (``loss.matching_vocabulary:
+    full``); None: they are the [Yes, No] pair and the term is 2-way (``yes_no``).
     """
 
-    def __init__(self, weights: LossWeights | None = None, temperature: float = 0.02):
+    def __init__(self, weights: LossWeights | None = None, temperature: float = 0.02,
+                 answer_token_ids: tuple[int, int] | None = None):
         super().__init__()
         self.weights = weights or LossWeights()
         if temperature <= 0 or not math.isfinite(temperature):
             raise ValueError(f"temperature must be a positive number, got {temperature}")
         self.temperature = temperature
+        self.answer_token_ids = answer_token_ids
 
     def forward(self, query_embeddings: torch.Tensor, positive_embeddings: torch.Tensor,
                 negative_embeddings: torch.Tensor | None = None, token_states: torch.Tensor | None = None,
@@ -203,8 +231,9 @@ class ReMatchLoss(nn.Module):
             if answer_logits is not None and answer_logits.numel():
                 if answer_labels is None:
                     raise ValueError("answer_logits were given without answer_labels")
-                pairs = answer_logits.reshape(-1, 2).shape[0]
-                item_sums["matching"] = (matching_loss(answer_logits, answer_labels, reduction="sum"), pairs)
+                pairs = answer_labels.numel()
+                item_sums["matching"] = (matching_loss(answer_logits, answer_labels, reduction="sum",
+                                                       answer_token_ids=self.answer_token_ids), pairs)
             else:
                 item_sums["matching"] = (zero, 0)
         terms.update(global_means(item_sums))

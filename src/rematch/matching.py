@@ -41,7 +41,7 @@ from typing import Sequence
 
 import torch
 
-from rematch.backbones.base import IMAGE, VIDEO, BackboneAdapter, EncoderBatch
+from rematch.backbones.base import IMAGE, VIDEO, BackboneAdapter, DeepStack, EncoderBatch
 from rematch.data.items import Item
 
 QUERY_HEADER = "Query: "
@@ -63,6 +63,21 @@ def view_pairs(num_documents: int) -> list[tuple[int, int]]:
     """(query view block, document view block) of every answer, in answer order."""
     return [(query_view, doc_view) for query_view in QUERY_VIEWS
             for j in range(num_documents) for doc_view in document_blocks(j)]
+
+
+#: The kinds of (query view, document view) pair, "query view-document view": what the
+#: training log and the reports break the matching head's loss and accuracy down by.
+VIEW_KINDS = ("raw-raw", "raw-soft", "soft-raw", "soft-soft")
+
+
+def pair_kinds(num_documents: int) -> list[str]:
+    """The :data:`VIEW_KINDS` entry of every answer of a sample, in :func:`view_pairs` order.
+
+    Each kind holds ``num_documents`` answers of a sample (one per document), so the kinds
+    weigh the same in the matching loss."""
+    raw_documents = {document_blocks(j)[0] for j in range(num_documents)}
+    return [f"{'raw' if query_view == QUERY_RAW else 'soft'}-{'raw' if doc_view in raw_documents else 'soft'}"
+            for query_view, doc_view in view_pairs(num_documents)]
 
 
 @dataclass
@@ -519,18 +534,19 @@ def build_reference_batch(adapter: BackboneAdapter, samples: Sequence[MatchSampl
 # ---------------------------------------------------------------------------- forward
 
 
-def match_logits(model, batch: MatchBatch, soft_embeddings: torch.Tensor,
-                 image_features: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """Yes/No logits (num_samples, 4 * num_documents, 2) of a matching batch.
+def matching_inputs(model, batch: MatchBatch, soft_embeddings: torch.Tensor,
+                    image_features: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, DeepStack | None]:
+    """The input embeddings (R, L, H) of a matching batch, soft tokens in place, and the
+    backbone's deepstack features (Qwen3-VL; None otherwise).
 
     ``soft_embeddings`` holds the L2-normalised embeddings per sample in the order
     [query, document 0, ..., document n-1] (see :func:`soft_table_index`); they pass
     through the projector here, so the matching loss trains the embeddings too.
     ``image_features`` is the step's table of precomputed tower outputs per image or video
     (frozen tower, :mod:`rematch.training.vision_cache`): when every image (video) of the batch
-    has an entry there, the tower does not run on the images (videos) again.
+    has an entry there, the tower does not run on the images (videos) again. ``batch`` must be
+    on the model's device.
     """
-    batch = batch.to(model.device)
     adapter = model.adapter
 
     def looked_up(sources: list[int | None]) -> torch.Tensor | None:
@@ -548,10 +564,27 @@ def match_logits(model, batch: MatchBatch, soft_embeddings: torch.Tensor,
     if batch.soft_sources.numel():
         soft = model.project(soft_embeddings)[batch.soft_sources].to(embeds.dtype)
         embeds = embeds.index_put((batch.soft_rows, batch.soft_cols), soft)
+    return embeds, deepstack
+
+
+def answer_states(model, batch: MatchBatch, soft_embeddings: torch.Tensor,
+                  image_features: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The final states (N, H) at the answer positions of a matching batch (sample-major,
+    pair-minor), from which the answer's logits are read (:func:`matching_inputs` for the arguments).
+
+    Only these N states go through the LM head, never the whole sequence: the Yes/No rows
+    for reranking and the 2-way loss, the full vocabulary for the generative loss."""
+    batch = batch.to(model.device)
+    embeds, deepstack = matching_inputs(model, batch, soft_embeddings, image_features)
     # a 4-D boolean mask: the adapter runs it on a kernel that takes one (sdpa/eager), whatever
     # the embedding forward uses (rematch.backbones.attention)
-    hidden = adapter.language_model(model.backbone, embeds, batch.block_mask[:, None], batch.position_ids,
-                                    deepstack=deepstack)
-    answers = hidden[batch.answer_rows, batch.answer_cols]
-    logits = model.answer_logits(answers)
+    hidden = model.adapter.language_model(model.backbone, embeds, batch.block_mask[:, None], batch.position_ids,
+                                          deepstack=deepstack)
+    return hidden[batch.answer_rows, batch.answer_cols]
+
+
+def match_logits(model, batch: MatchBatch, soft_embeddings: torch.Tensor,
+                 image_features: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Yes/No logits (num_samples, 4 * num_documents, 2) of a matching batch (see :func:`answer_states`)."""
+    logits = model.answer_logits(answer_states(model, batch, soft_embeddings, image_features))
     return logits.view(batch.num_samples, batch.pairs_per_sample, 2)

@@ -5,7 +5,8 @@ their last-layer states e_1..e_K are averaged into the embedding (multi-token em
 fusion). With K = 0 and pooling "last" the same code is plain last-token pooling, which
 is how the VLM2Vec-style baseline shares this path. A projector maps an embedding back
 to one soft input token for the generative matching branch, and the LM-head rows of
-"Yes" and "No" score a match without computing the full vocabulary.
+"Yes" and "No" score a match without computing the full vocabulary (the generative loss over
+the whole vocabulary computes it at the answer positions only).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from rematch.hub.push import push_model
 from rematch.instructions import document_items, with_resolved_table
 from rematch.layers import EmbeddingProjector, init_learnable_tokens, ordinary_token_ids
 from rematch.prefetch import Prefetcher
-from rematch.serialization import load_rematch_model, save_rematch_model, weights_fingerprint
+from rematch.serialization import (FINGERPRINT_SCHEME, ProcessorIdentity, load_rematch_model, save_rematch_model,
+                                   weights_fingerprint)
 
 
 @dataclass
@@ -53,6 +55,11 @@ class ReMatchModel(nn.Module):
     checkpoint, fresh ReMatch parts) or :meth:`from_pretrained` (a saved ReMatch model).
     """
 
+    fingerprint_scheme: int = FINGERPRINT_SCHEME
+    """How :meth:`fingerprint` is made (``rematch.serialization.FINGERPRINT_SCHEME``): a model
+    loaded from a directory saved before scheme 2 keeps scheme 1 (configuration and weights),
+    so the indexes and caches made with it still match it."""
+
     heads_source: str | None = None
     """Where the learnable tokens and projector came from: the directory or hub id they were
     loaded from, or None when freshly initialised (tiny / from_config / from_backbone, or a
@@ -67,6 +74,9 @@ class ReMatchModel(nn.Module):
         model_type = self._causal_lm().config.model_type
         self.adapter = adapter_for(model_type)(processor, config)
         self.adapter.bind_backbone(self._causal_lm().config)
+        # what besides weights and config decides a vector, as built (an evaluation's input limits
+        # change the image processor for a while; the identity stays the model's own)
+        self._processor_identity = ProcessorIdentity(processor, self._causal_lm().config)
         self.hidden_size = self.adapter.hidden_size(backbone)
         self.yes_token_id = self.adapter.token_id("Yes")
         self.no_token_id = self.adapter.token_id("No")
@@ -153,8 +163,10 @@ class ReMatchModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write backbone (or PEFT adapter), processor, learnable tokens, projector and config, atomically.
 
-        ``path`` must be new, empty or a saved ReMatch model (which is replaced); anything else
-        is refused unless ``overwrite=True``, so a wrong path never deletes a user's files.
+        ``path`` must be new, empty or a saved ReMatch model holding only a saved model's files
+        (which is replaced); anything else -- a folder of the user's, notes beside a model -- is
+        refused, ``overwrite=True`` or not, so a wrong path never deletes a user's files.
+        ``rematch_config.json`` records the checksums of the weight files, which loading checks.
         """
         save_rematch_model(self, Path(path), overwrite=overwrite)
 
@@ -313,7 +325,7 @@ class ReMatchModel(nn.Module):
         try:
             batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
             with Prefetcher(prepare, batches, depth=prefetch) as prepared, \
-                    tqdm(total=len(batches), disable=not show_progress, desc=f"encode {role}s", unit="batch") as bar:
+                    tqdm(total=len(batches), disable=not show_progress, desc=f"encode {'queries' if role == 'query' else 'documents'}", unit="batch") as bar:
                 for indices, batch in prepared:
                     self._encode_batch(batch, indices, role, normalize, output)
                     bar.update(1)
@@ -344,6 +356,13 @@ class ReMatchModel(nn.Module):
         rows = self.adapter.output_rows(self.backbone, [self.yes_token_id, self.no_token_id])
         return hidden.to(rows.dtype) @ rows.T
 
+    def vocabulary_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, H) final states -> (N, V) logits over the whole vocabulary, through the causal
+        LM's own output layer (what its forward applies at every position; here only at the N
+        given states): the generative matching loss, ``loss.matching_vocabulary: full``."""
+        head = self.adapter.causal_lm(self.backbone).get_output_embeddings()
+        return head(hidden.to(head.weight.dtype))
+
     # ------------------------------------------------------------------ fine-tuning helpers
 
     def enable_lora(self, r: int = 32, alpha: int = 64, dropout: float = 0.05, use_dora: bool = False,
@@ -363,7 +382,10 @@ class ReMatchModel(nn.Module):
         self.backbone = get_peft_model(self.backbone, lora)
 
     def fingerprint(self) -> str:
-        """A short identity of this model's configuration and current weights (every byte).
+        """A short identity of everything that decides this model's vectors: its configuration
+        (the instruction table included), its current weights (every byte), and -- scheme 2 --
+        its processor (``preprocessor_config.json``, the tokenizer files) and backbone
+        configuration (:class:`rematch.serialization.ProcessorIdentity`).
 
         Indexes and embedding caches store it, so vectors from one model are never mixed
         with (or searched by) another. The hash is cached until a weight changes: every
@@ -386,7 +408,10 @@ class ReMatchModel(nn.Module):
             self._fingerprint_cache = (key, weights_fingerprint(state))
         weights = self._fingerprint_cache[1]
         config = repr(sorted(identity.items()))
-        return hashlib.sha256(f"{config}|{weights}".encode()).hexdigest()[:24]
+        text = f"{config}|{weights}"
+        if self.fingerprint_scheme >= 2:
+            text += f"|{self._processor_identity.digest()}"
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def merge_lora(self) -> "ReMatchModel":
         """Fold the LoRA/DoRA adapters into the backbone weights (a standalone model, no PEFT needed)."""

@@ -20,6 +20,16 @@ FORMAT_VERSION = 1
 META_FIELDS = {"model": dict, "model_type": str, "hidden_size": int}
 
 
+#: The largest rematch_config.json read (a real one is a few KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _no_constant(name: str):
+    """``json.loads(parse_constant=...)``: NaN and Infinity are no configuration value (``rematch
+    info`` printed them back, and loading would build a model from them)."""
+    raise ValueError(f"holds {name}, which is not a valid value")
+
+
 class CheckpointMismatchError(ValueError):
     """A saved model does not match what the caller asked for or what its files hold."""
 
@@ -33,10 +43,16 @@ def read_rematch_meta(path: Path) -> dict[str, Any] | None:
     config_file = Path(path) / CONFIG_NAME
     if not config_file.is_file():
         return None
+    size = config_file.stat().st_size
+    if size > MAX_CONFIG_BYTES:  # a (sparse) multi-GB file would be read whole into memory
+        raise CheckpointMismatchError(f"{config_file}: {size} bytes, far more than a model's configuration "
+                                      f"(at most {MAX_CONFIG_BYTES}); the file is damaged, copy it again")
     try:
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        meta = json.loads(config_file.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise CheckpointMismatchError(f"{config_file}: not valid JSON ({error})") from error
+    except ValueError as error:  # NaN / Infinity (_no_constant)
+        raise CheckpointMismatchError(f"{config_file}: {error}; the file is damaged, copy it again") from error
     if not isinstance(meta, dict):
         raise CheckpointMismatchError(f"{config_file}: expected a JSON object, got {type(meta).__name__}")
     version = meta.get("format_version")

@@ -23,6 +23,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from rematch.backbones import MODEL_CLASSES, TORCH_DTYPES, load_backbone, load_pretrained_backbone, load_weights
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
 from rematch.atomic import write_directory_atomically
-from rematch.config import ROLES, SAVED_BEFORE, ModelConfig, from_dict
+from rematch.config import ROLES, SAVED_BEFORE, ConfigError, ModelConfig, from_dict
 from rematch.hub.card import write_saved_model_card
 from rematch.hub.resolve import ModelNotFoundError, resolve_model_dir
 from rematch.saved_model import (
@@ -83,6 +85,115 @@ def _sampled_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:32]
 
 
+#: How ``ReMatchModel.fingerprint`` is made. 1: configuration and weights (models saved before
+#: scheme 2 keep it, so their indexes and caches still match); 2: also the processor
+#: (``preprocessor_config.json``, the tokenizer) and the backbone's configuration, which change
+#: vectors without changing a weight.
+FINGERPRINT_SCHEME = 2
+
+#: Backbone config keys that say how the weights are stored or named, not what they compute.
+_VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version",
+                                   "_attn_implementation", "attn_implementation", "_attn_implementation_autoset",
+                                   "_attn_implementation_internal", "_commit_hash", "use_cache", "output_attentions",
+                                   "output_hidden_states", "return_dict", "_processor_class", "processor_class"})
+
+
+def _stable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _stable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+class ProcessorIdentity:
+    """What besides the weights and the ReMatch config decides a vector: the image processor's
+    settings (patch and merge sizes, pixel bounds, normalisation), the tokenizer (vocabulary,
+    merges, added tokens) and the backbone's configuration. Taken when the model is built, so an
+    evaluation that sets other input limits for a while does not change it; hashed on first use."""
+
+    def __init__(self, processor, backbone_config) -> None:
+        image_processor = getattr(processor, "image_processor", None)
+        self._image = _stable(image_processor.to_dict()) if image_processor is not None else None
+        self._backbone = _stable(backbone_config.to_dict()) if backbone_config is not None else None
+        self._tokenizer = getattr(processor, "tokenizer", None)
+        self._digest: str | None = None
+
+    def digest(self) -> str:
+        if self._digest is None:
+            backend = getattr(self._tokenizer, "backend_tokenizer", None)
+            tokenizer = backend.to_str() if backend is not None else repr(sorted(
+                (self._tokenizer.get_vocab() if self._tokenizer is not None else {}).items()))
+            text = json.dumps({"image_processor": self._image, "backbone": self._backbone}, sort_keys=True,
+                              default=repr)
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(text.encode("utf-8"))
+            digest.update(b"\x00")
+            digest.update(tokenizer.encode("utf-8"))
+            self._digest = digest.hexdigest()
+        return self._digest
+
+
+# ---------------------------------------------------------------------------- weight checksums
+
+#: Weight files whose checksums rematch_config.json records (the backbone, its LoRA adapter, the heads).
+_WEIGHT_FILE = re.compile(r"(model|adapter_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)|" + re.escape(HEADS_NAME))
+#: Files up to this size are hashed whole; larger ones (a 7B backbone) by 256 evenly spaced
+#: 64 KiB blocks and their size, which tells another model's weights apart at load time
+#: without reading gigabytes.
+_FULLY_HASHED_BYTES = 256 << 20
+_SAMPLED_BLOCKS, _BLOCK_BYTES = 256, 64 << 10
+
+
+def file_checksum(path: Path) -> str:
+    """``full:<blake2b>`` of the whole file, or ``sampled:<blake2b>`` of its size and blocks."""
+    size = path.stat().st_size
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{size}:".encode())
+    with open(path, "rb") as handle:
+        if size <= _FULLY_HASHED_BYTES:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+            return f"full:{digest.hexdigest()}"
+        for block in range(_SAMPLED_BLOCKS):
+            handle.seek(block * (size - _BLOCK_BYTES) // (_SAMPLED_BLOCKS - 1))
+            digest.update(handle.read(_BLOCK_BYTES))
+    return f"sampled:{digest.hexdigest()}"
+
+
+def weight_checksums(directory: Path) -> dict[str, str]:
+    return {path.name: file_checksum(path) for path in sorted(directory.iterdir())
+            if path.is_file() and _WEIGHT_FILE.fullmatch(path.name)}
+
+
+def _check_checksums(path: Path, meta: Mapping[str, Any]) -> None:
+    """Refuse weight files that are not the ones the model was saved with: heads or a backbone
+    copied in from another model gave vectors of neither, silently."""
+    recorded = meta.get("checksums")
+    if recorded is None:  # saved before checksums were recorded
+        return
+    if not isinstance(recorded, Mapping):
+        raise CheckpointMismatchError(f"{path / CONFIG_NAME}: field 'checksums' must be an object")
+    for name, checksum in sorted(recorded.items()):
+        file = path / str(name)
+        if not file.is_file():
+            raise CheckpointMismatchError(f"{path}: {name} is missing; copy the whole directory that "
+                                          "save_pretrained wrote")
+        if file_checksum(file) != checksum:
+            what = "ReMatch heads" if name == HEADS_NAME else "LoRA adapter" if str(name).startswith("adapter") \
+                else "backbone weights"
+            raise CheckpointMismatchError(f"{file}: the {what} file is damaged or truncated, or is not the file this "
+                                          f"model was saved with (its checksum differs from the one {CONFIG_NAME} "
+                                          "records; e.g. copied in from another model); copy the model directory "
+                                          "again")
+    extra = sorted(name for name in weight_checksums(path) if name not in recorded)
+    if extra:
+        raise CheckpointMismatchError(f"{path}: {', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not part "
+                                      f"of the saved model ({CONFIG_NAME} records no such file); remove "
+                                      f"{'it' if len(extra) == 1 else 'them'} or copy the model directory again")
+
+
 # ---------------------------------------------------------------------------- save
 
 
@@ -98,6 +209,7 @@ def save_rematch_model(model, path: Path, overwrite: bool = False) -> None:
         "roles": list(ROLES),
         "peft": is_peft,
         "untrained": model.is_untrained(),  # read back by load_rematch_model: see ReMatchModel.is_untrained
+        "fingerprint_scheme": FINGERPRINT_SCHEME,
     }
     if is_peft:
         meta["base_fingerprint"] = weights_fingerprint(base_state_dict(backbone.get_base_model()))
@@ -113,11 +225,12 @@ def save_rematch_model(model, path: Path, overwrite: bool = False) -> None:
         backbone.save_pretrained(directory)
         model.processor.save_pretrained(directory)
         save_file(heads, str(directory / HEADS_NAME), metadata={"format": "pt"})
+        meta["checksums"] = weight_checksums(directory)  # loading refuses weights swapped in from elsewhere
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         write_saved_model_card(model, directory, path)  # README.md (+ the run's config when saved into a run)
 
     write_directory_atomically(path, write, is_ours=lambda target: (target / CONFIG_NAME).is_file(),
-                               what="a saved ReMatch model", overwrite=overwrite)
+                               what="a saved ReMatch model", overwrite=overwrite, own_entry=is_saved_model_entry)
 
 
 def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -153,10 +266,18 @@ def load_rematch_model(cls, spec: str | os.PathLike, expected: Mapping[str, Any]
             "Load it without new_heads, or use ReMatchModel.from_backbone() on a bare backbone")
 
     _check_required_files(path, meta)
+    _check_checksums(path, meta)
     # a field the file lacks was added after the model was saved: it gets the value the model was
     # trained with (config.SAVED_BEFORE), not today's default
     saved = {**SAVED_BEFORE, **meta["model"]}
-    config = from_dict(ModelConfig, saved, where=str(path / CONFIG_NAME))
+    where = str(path / CONFIG_NAME)
+    _check_saved_types(saved, where)
+    config = from_dict(ModelConfig, saved, where=where)
+    try:
+        config.validate()
+    except ConfigError as error:
+        raise CheckpointMismatchError(f"{where}: {error}; the file is damaged or was edited, copy the model "
+                                      "directory again") from None
     _check_expectations(path, config, meta, expected)
     config = dataclasses.replace(config, **{k: v for k, v in expected.items()
                                             if k in ("dtype", "attn_implementation")})
@@ -174,11 +295,48 @@ def load_rematch_model(cls, spec: str | os.PathLike, expected: Mapping[str, Any]
         raise CheckpointMismatchError(f"{path}: {CONFIG_NAME} says hidden size {meta['hidden_size']} but the "
                                       f"backbone has {model.hidden_size}")
     _load_heads(model, path)
+    model.fingerprint_scheme = _fingerprint_scheme(meta, path)
     if meta.get("untrained"):  # saved straight after it was built (`rematch tiny`): its heads are random
         model.mark_untrained()
     else:
         model.heads_source = os.fspath(spec) + (f"@{revision}" if revision else "")
     return model
+
+
+def _fingerprint_scheme(meta: Mapping[str, Any], path: Path) -> int:
+    scheme = meta.get("fingerprint_scheme", 1)  # saved before schemes: configuration and weights only
+    if isinstance(scheme, bool) or scheme not in range(1, FINGERPRINT_SCHEME + 1):
+        raise CheckpointMismatchError(f"{path / CONFIG_NAME}: fingerprint_scheme {scheme!r} is not one this "
+                                      f"rematch knows (1 to {FINGERPRINT_SCHEME}); load it with a newer rematch")
+    return scheme
+
+
+def _check_saved_types(saved: Mapping[str, Any], where: str) -> None:
+    """A saved configuration is written by rematch: an integer field holding a float (``max_text_tokens:
+    512.5``) or a number as text was edited by hand, and is refused rather than rounded."""
+    hints = typing.get_type_hints(ModelConfig)
+    for name, value in saved.items():
+        hint = hints.get(name)
+        if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointMismatchError(f"{where}: model.{name} must be an integer, got {value!r}; the file was "
+                                          "edited or is damaged, copy the model directory again")
+        if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise CheckpointMismatchError(f"{where}: model.{name} must be a number, got {value!r}")
+
+
+def is_saved_model_entry(name: str) -> bool:
+    """Whether ``name`` is a file a saved ReMatch model holds: what replacing a model directory may
+    delete. Anything else in it -- the user's notes, an evaluation folder -- makes the
+    replacement refused instead (:func:`rematch.atomic.check_replaceable`)."""
+    return _SAVED_MODEL_ENTRY.fullmatch(name) is not None
+
+
+_SAVED_MODEL_ENTRY = re.compile(
+    r"(config|generation_config|preprocessor_config|processor_config|video_preprocessor_config|rematch_config|"
+    r"tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|chat_template|adapter_config|"
+    r"(model|pytorch_model)\.(safetensors|bin)\.index)\.json|"
+    r"(model|pytorch_model|adapter_model|rematch_heads)(-\d{5}-of-\d{5})?\.(safetensors|bin)|"
+    r"merges\.txt|tokenizer\.model|chat_template\.jinja|README\.md|rematch_training_config\.yaml")
 
 
 def _check_required_files(path: Path, meta: Mapping[str, Any]) -> None:
@@ -309,6 +467,12 @@ def _load_heads(model, path: Path) -> None:
         if tuple(tensors[name].shape) != shape:
             raise CheckpointMismatchError(f"{heads_file}: {name} has shape {tuple(tensors[name].shape)}, "
                                           f"the configuration implies {shape}")
+        if not tensors[name].is_floating_point():  # int heads were cast and encoded silently
+            raise CheckpointMismatchError(f"{heads_file}: {name} holds {tensors[name].dtype} values, not floating "
+                                          "point; the file is not one rematch wrote, copy the model again")
+        if not bool(torch.isfinite(tensors[name]).all()):  # inf / NaN give NaN vectors or none at all
+            raise CheckpointMismatchError(f"{heads_file}: {name} holds inf or NaN values; the model is damaged "
+                                          "(or diverged in training), use another checkpoint")
     with torch.no_grad():
         model.query_tokens.copy_(tensors["query_tokens"])
         model.document_tokens.copy_(tensors["document_tokens"])

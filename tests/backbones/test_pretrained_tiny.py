@@ -121,6 +121,10 @@ def test_eval_generative_on_the_shipped_model(tmp_path, capsys):
     assert questions["colour"]["accuracy"] >= questions["colour"]["chance"] + 0.3, questions["colour"]
     assert questions["size"]["accuracy"] >= questions["size"]["chance"] + 0.25, questions["size"]
     assert result["image_position"] == "first" and "image before the question" in printed
+    # verification asked in the matching layout too, per foil kind (rematch.training.verification)
+    matching = result["matching_layout"]
+    assert matching["pairs"] == 40 and {"all", "single_attribute"} <= set(matching["auc"])
+    assert all(0.0 <= auc <= 1.0 for auc in matching["auc"].values()) and "matching layout (AUC)" in printed
 
 
 def test_eval_generative_puts_the_image_after_the_question_when_asked(tmp_path, capsys):

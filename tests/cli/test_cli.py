@@ -26,7 +26,7 @@ def test_tiny_then_encode_then_info(tmp_path, image_files, capsys):
         [{"text": "a large red circle"}, {"image": image_files["rgb"], "text": "Represent the given image."}],
         role="document")
     np.testing.assert_allclose(vectors, expected, atol=1e-6)
-    assert main(["info", str(model_dir)]) == 0
+    assert main(["info", str(model_dir), "--json"]) == 0
     assert '"num_tokens": 4' in capsys.readouterr().out
 
 

@@ -36,7 +36,8 @@ def command_paths(parser, prefix=()):
 
 heavy, model_dir = json.loads(sys.argv[1]), sys.argv[2]
 report = {"loaded": {}, "commands": []}
-runs = [[*path, "--help"] for path in [(), *command_paths(build_parser())]] + [["info", model_dir]]
+runs = [[*path, "--help"] for path in [(), *command_paths(build_parser())]] + [["info", model_dir],
+                                                                               ["info", model_dir, "--json"]]
 for argv in runs:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -102,7 +103,9 @@ def test_help_imports_neither_torch_nor_transformers(probe):
 
 
 def test_info_reads_json_only(probe, saved_model):
-    seen = probe["loaded"][f"info {saved_model}"]
+    summary = probe["loaded"][f"info {saved_model}"]
+    assert summary["status"] == 0 and summary["heavy"] == [], summary["heavy"]
+    seen = probe["loaded"][f"info {saved_model} --json"]
     assert seen["status"] == 0 and seen["heavy"] == [], seen["heavy"]
     assert json.loads(seen["out"]) == json.loads((saved_model / "rematch_config.json").read_text())
     assert json.loads(seen["out"])["model"]["num_tokens"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -12,6 +13,7 @@ from rematch.cli import main
 from rematch.demo import ROWS, DemoSettings, run_demo
 from rematch.demo.report import COLUMNS, SHORT, score
 from rematch.demo.settings import SUBSETS
+from rematch.matching import VIEW_KINDS
 
 pytestmark = pytest.mark.slow  # trains every ablation row
 
@@ -90,6 +92,28 @@ def test_the_rerank_table_says_where_each_matching_loss_ended(demo):
         assert cells[row.label][-1] == f"{record.train['final_losses']['matching']:.3f}", row.name
 
 
+def test_the_rerank_table_gives_each_view_kinds_matching_loss_and_accuracy_over_the_last_steps(demo):
+    """Per kind of (query view, document view) pair: loss / accuracy, the mean over the run's last
+    10% of logged steps (its losses.jsonl), as the matching-loss cell beside them."""
+    section = demo.report.read_text().split("## Reranking the top 2", 1)[1].split("\n## ", 1)[0]
+    cells = {row[0]: row[1:] for row in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                         for line in section.splitlines() if line.startswith("| "))}
+    assert cells["row"][-5:] == [*VIEW_KINDS, "matching loss"]
+    assert "last 10% of training steps" in section
+    for row in (row for row in ROWS if row.uses_matching):
+        record = next(r for r in demo.records if r.row == row.name)
+        log = [json.loads(line) for line in (record.directory / "losses.jsonl").read_text().splitlines()]
+        last = log[-max(1, math.ceil(len(log) / 10)):]
+
+        def mean(column: str) -> float:
+            return sum(entry[column] for entry in last) / len(last)
+
+        for kind, cell in zip(VIEW_KINDS, cells[row.label][-5:-1]):
+            assert cell == f"{mean(f'matching_loss/{kind}'):.3f} / {100 * mean(f'matching_accuracy/{kind}'):.0f}%", \
+                (row.name, kind)
+        assert cells[row.label][-1] == f"{mean('matching'):.3f}", row.name
+
+
 def test_a_row_measures_the_same_in_a_worker_process_as_in_this_one(demo, tmp_path):
     """Rows trained side by side in worker processes give the numbers a one-after-another run
     gives (same seeds, same thread count), come back in row order, and each prints its one line."""
@@ -135,6 +159,7 @@ def test_cli_demo_prints_the_table_also_from_the_random_start(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Precision@1" in printed and "VLM2Vec-style baseline" in printed
     assert all(SHORT[s] in printed for s in SUBSETS)
+    assert "SMOKE TEST (--quick: 1 steps per row" in printed  # its numbers say what they are
     config = (tmp_path / "runs" / "baseline" / "seed0" / "config.yaml").read_text()
     # a random tower must learn to see; 56 px, the random start's size
     assert "backbone: tiny\n" in config and "freeze_vision: false" in config and "max_pixels: 3136" in config

@@ -107,7 +107,12 @@ def test_two_processes_train_every_ablation_row_like_one(runs, row_name, mode):
         # noise in a near-zero gradient element can flip its step; that drift is allowed, a bit.
         rel = 2e-5 if a["step"] == 1 else 5e-4
         for term in sorted(set(b) - {"step", "lr", "samples_per_s"}):  # every logged term, on the global batch
-            assert a[term] == pytest.approx(b[term], rel=rel), (a["step"], term)
+            if term.startswith("matching_accuracy/"):
+                # a share of Yes/No decisions: a pair at p(Yes) = p(No) may flip on that float noise,
+                # one of a kind's 8 pairs (4 samples x 2) at the most
+                assert a[term] == pytest.approx(b[term], abs=1 / 8 + 1e-9), (a["step"], term)
+            else:
+                assert a[term] == pytest.approx(b[term], rel=rel), (a["step"], term)
 
     final = f"checkpoints/step-{STEPS:08d}/trainable.safetensors"
     weights_two, weights_one = load_file(str(two / final)), load_file(str(one / final))

@@ -284,6 +284,9 @@ def test_cli_reads_mmeb_eval_files_and_compares_runs(tmp_path, pictures, capsys,
                  "--cache-dir", str(cache), "--skip-bad"]) == 0
     printed = capsys.readouterr().out
     assert "items/s" in printed and "1 bad row(s) skipped" in printed
+    # what the numbers depend on is said before them
+    assert "evaluating with input limits official: images 3136-1003520 px, no text truncation (official MMEB-V1)" \
+        in printed and "not reranked" in printed
     summary = load_summary(out)
     assert summary["subsets"]["VOC2007"]["hit@1"] == 1.0 and summary["subsets"]["GQA"]["hit@1"] == 1.0
     assert summary["subsets"]["GQA"]["hit@1_strict"] == 0.0 and summary["subsets"]["GQA"]["ties_at_top"] == 2
@@ -465,3 +468,46 @@ def test_a_corrupt_image_is_named_by_its_row_or_skipped_with_it(tmp_path, pictur
     assert "2 bad row(s) skipped" in capsys.readouterr().out
     subset = load_summary(out)["subsets"]["GQA"]
     assert subset["count"] == 2 and subset["skipped_rows"] == 2
+
+
+def test_rerank_reports_the_matching_heads_separation_auc_per_subset(tiny_model, tmp_path):
+    """On the built-in shapes world: ``rerank_auc`` is p(Yes) of each query's positive against
+    the negatives in its top N (the positive scored wherever it ranked), pooled over the
+    subset's queries with ties half; summary.md shows it per subset only when reranked."""
+    from rematch.data.mmeb import iter_eval_examples
+    from rematch.evaluation.mmeb import evaluate_mmeb_source
+    from rematch.retrieval.rerank import matching_probabilities
+    from rematch.world.tasks import write_shapes_dataset
+
+    root = str(write_shapes_dataset(tmp_path / "shapes", train_rows=0, eval_queries=4, num_candidates=5,
+                                    image_size=56))
+    subsets, top_n = ["ShapesT2I", "ShapesCLS"], 2
+    first = evaluate_mmeb_source(tiny_model, root, tmp_path / "first", subsets=subsets, plot=False, log=None)
+    summary = evaluate_mmeb_source(tiny_model, root, tmp_path / "reranked", subsets=subsets, rerank=top_n,
+                                   plot=False, log=None)
+    for name in subsets:
+        assert "rerank_auc" not in first["subsets"][name]
+        positives, negatives = [], []
+        for example in iter_eval_examples(root, name):  # each query alone, no dedupe
+            query = tiny_model.encode([example.query], role="query")[0]
+            documents = document_items(example.candidates, name, tiny_model.config)
+            vectors = tiny_model.encode(documents, role="document")
+            top = [int(i) for i in np.argsort(-(vectors @ query), kind="stable")[:top_n]]
+            scored = top if 0 in top else top + [0]
+            p_yes = dict(zip(scored, matching_probabilities(tiny_model, example.query, [documents[i] for i in scored],
+                                                            query_embedding=query,
+                                                            document_embeddings=vectors[scored])))
+            positives.append(p_yes[0])
+            negatives += [p_yes[i] for i in top if documents[i] != documents[0]]
+        pairs = np.array(positives)[:, None] - np.array(negatives)[None, :]
+        expected = float((pairs > 0).mean() + 0.5 * (pairs == 0).mean())
+        assert summary["subsets"][name]["rerank_auc"] == pytest.approx(expected, abs=1e-6), name
+        assert summary["subsets"][name]["rerank"] == top_n
+        written = json.loads((tmp_path / "reranked" / f"{name}.json").read_text())
+        assert written["rerank_auc"] == summary["subsets"][name]["rerank_auc"]
+    table = (tmp_path / "reranked" / "summary.md").read_text().split("## Per subset", 1)[1]
+    assert "| rerank AUC |" in table.splitlines()[2]
+    for name in subsets:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert row.rstrip(" |").rsplit("| ", 1)[1] == f"{summary['subsets'][name]['rerank_auc']:.3f}"
+    assert "rerank AUC" not in (tmp_path / "first" / "summary.md").read_text()

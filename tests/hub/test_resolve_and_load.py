@@ -219,7 +219,7 @@ def test_a_hub_id_loads_the_saved_model_from_the_cache(tmp_path, offline_hub, ca
     assert resolve_model_dir(f"org/name@{COMMIT}") == snapshot
     assert ReMatchModel.from_pretrained("org/name", revision=COMMIT).heads_source == f"org/name@{COMMIT}"
     assert ReMatchModel.load("org/name").heads_source == "org/name"
-    assert main(["info", "org/name"]) == 0 and '"num_tokens": 4' in capsys.readouterr().out
+    assert main(["info", "org/name", "--json"]) == 0 and '"num_tokens": 4' in capsys.readouterr().out
 
     with pytest.raises(ModelNotFoundError, match=r"org/name@v2.*not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         ReMatchModel.from_pretrained("org/name@v2")

@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from tests.support.ports import free_port
-from rematch.losses import OBJECTIVE, LossWeights, ReMatchLoss, info_nce, matching_loss, objective, orthogonality
+from rematch.losses import (OBJECTIVE, LossWeights, ReMatchLoss, info_nce, matching_loss, objective, orthogonality,
+                            yes_no_logits)
 
 
 def unit(rows):
@@ -54,6 +55,22 @@ def test_matching_loss_is_two_way_cross_entropy():
     labels = torch.tensor([0, 1])
     expected = -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(math.exp(1.5) / (math.exp(0.5) + math.exp(1.5))))
     assert matching_loss(logits, labels).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_full_vocabulary_matching_loss_targets_the_yes_and_no_tokens():
+    """``full``: -log softmax over the whole vocabulary at the "Yes" (label 0) or "No" (label 1)
+    token; the 2-way view of the same logits is their two columns."""
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5], [0.3, 0.2, 1.5, -0.4]])
+    labels = torch.tensor([0, 1])
+    yes, no = 1, 3
+    expected = -(torch.log_softmax(logits[0], 0)[yes] + torch.log_softmax(logits[1], 0)[no]) / 2
+    assert matching_loss(logits, labels, answer_token_ids=(yes, no)).item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(yes_no_logits(logits, (yes, no)), logits[:, [yes, no]])
+    two_way = ReMatchLoss(LossWeights(0.0, 0.0, 1.0))(logits, logits, answer_logits=logits[:, [yes, no]],
+                                                      answer_labels=labels)["matching"]
+    full = ReMatchLoss(LossWeights(0.0, 0.0, 1.0), answer_token_ids=(yes, no))(
+        logits, logits, answer_logits=logits, answer_labels=labels)["matching"]
+    assert full.item() == pytest.approx(expected.item(), rel=1e-6) and full > two_way
 
 
 def test_total_is_the_weighted_sum_and_zero_weights_switch_terms_off():

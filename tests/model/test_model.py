@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +160,11 @@ def test_heads_file_that_disagrees_with_the_config_is_refused(tmp_path):
     ReMatchModel.tiny(num_tokens=16).save_pretrained(tmp_path / "k16")
     ReMatchModel.tiny(num_tokens=8).save_pretrained(tmp_path / "k8")
     (tmp_path / "k16" / HEADS_NAME).write_bytes((tmp_path / "k8" / HEADS_NAME).read_bytes())
+    with pytest.raises(CheckpointMismatchError, match=r"rematch_heads.safetensors is not the file this model was "
+                                                       r"saved with"):
+        ReMatchModel.from_pretrained(tmp_path / "k16")
+    meta_file = tmp_path / "k16" / "rematch_config.json"  # as saved before checksums were recorded
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "checksums"}))
     with pytest.raises(CheckpointMismatchError, match=r"query_tokens has shape \(8, 128\).*\(16, 128\)"):
         ReMatchModel.from_pretrained(tmp_path / "k16")
 
@@ -248,3 +255,11 @@ def test_the_fingerprint_sees_a_change_in_a_single_weight_and_is_cached_until_on
     with torch.no_grad():
         model.query_tokens.copy_(model.query_tokens.flip(0))
     assert model.fingerprint() not in (first, changed)
+
+
+def test_the_encode_progress_bar_names_the_role_in_plain_english(capsys):
+    model = ReMatchModel.tiny(num_tokens=2)
+    model.encode(["a red circle"], role="query", show_progress=True)
+    model.encode(["a blue star"], role="document", show_progress=True)
+    err = capsys.readouterr().err
+    assert "encode queries" in err and "encode documents" in err and "querys" not in err

@@ -214,7 +214,8 @@ def test_cli_build_and_search(tmp_path, corpus, capsys, cli_error):
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert {"id", "score", "text", "image", "colour"} <= set(hits[0])
     assert main(["search", "--allow-untrained", "--index", str(out), "--image", items[0].image, "-k", "2"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].split()[:2] == ["rank", "cosine"]  # a header names the columns
     assert "fingerprint" in cli_error(["search", "--allow-untrained", "--index", str(out), "--model", "tiny:small",
                                        "--text", "x"])
     assert main(["search", "--allow-untrained", "--index", str(out), "--text", "a red square", "-k", "8",

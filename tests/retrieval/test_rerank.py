@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rematch.world.scenes import Scene, ShapeObject, render
-from rematch.retrieval.rerank import matching_probabilities, rerank, reranked_scores
+from rematch.retrieval.rerank import matching_probabilities, rerank, rerank_query, reranked_scores
 
 
 def candidates():
@@ -49,6 +49,19 @@ def test_reranked_scores_lift_the_top_n_and_keep_the_rest(tiny_model):
     np.testing.assert_array_equal(result[[1, 4]], first[[1, 4]])
 
 
+def test_rerank_query_keeps_the_heads_probabilities_and_scores_a_candidate_outside_the_top_n(tiny_model):
+    """The p(Yes) behind a rerank, plus a candidate asked for outside the top N, which changes
+    neither the reranked scores nor its own first-stage score."""
+    items = candidates()
+    first = np.array([0.9, 0.1, 0.5, 0.7, 0.3])
+    result = rerank_query(tiny_model, "a large red circle", items, first, top_n=3, also_score=(1, 0))
+    np.testing.assert_array_equal(result.scores, reranked_scores(tiny_model, "a large red circle", items, first, 3))
+    assert result.top == [0, 3, 2] and set(result.probabilities) == {0, 1, 2, 3}
+    expected = matching_probabilities(tiny_model, "a large red circle", [items[i] for i in (0, 1, 2, 3)])
+    np.testing.assert_allclose([result.probabilities[i] for i in (0, 1, 2, 3)], expected, atol=1e-5)
+    assert result.scores[1] == first[1]
+
+
 def test_mmeb_evaluation_with_rerank_reports_both_stages(tiny_model):
     from rematch.data.items import Item
     from rematch.data.records import EvalExample, RowRef
@@ -64,3 +77,4 @@ def test_mmeb_evaluation_with_rerank_reports_both_stages(tiny_model):
     assert first_subset["count"] == second_subset["count"] == 3
     for key in ("hit@1", "hit@5", "mrr"):
         assert 0.0 <= second_subset[key] <= 1.0
+    assert "rerank_auc" not in first_subset and 0.0 <= second_subset["rerank_auc"] <= 1.0

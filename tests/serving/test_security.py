@@ -114,12 +114,15 @@ def test_requests_without_the_api_key_get_401(server):
     with client(server, key=None) as anonymous, client(server, key="wrong-key") as wrong:
         for http in (anonymous, wrong):
             for method, path in (("post", "/v1/embeddings"), ("post", "/v1/rerank"), ("post", "/v1/search"),
-                                 ("get", "/metrics"), ("get", "/v1/models"), ("get", "/v1/thumbnails/0")):
+                                 ("post", "/embed"), ("post", "/rerank"), ("post", "/score"), ("post", "/v1/score"),
+                                 ("get", "/v1/models"), ("get", "/v1/thumbnails/0")):
                 answer = http.request(method.upper(), path, json={"input": "x"} if method == "post" else None)
                 assert answer.status_code == 401, path
                 assert answer.headers["www-authenticate"] == "Bearer"
                 assert "API key" in answer.json()["error"]["message"]
         assert anonymous.get("/health").status_code == 200 and anonymous.get("/").status_code == 200
+        # Prometheus scrapers carry no token: /metrics is open unless --protect-metrics (vLLM and TEI do the same)
+        assert anonymous.get("/metrics").status_code == 200
     with client(server) as http:
         assert http.post("/v1/embeddings", json={"input": "x"}).status_code == 200
 

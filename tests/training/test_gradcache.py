@@ -46,7 +46,10 @@ def test_gradcache_equals_the_plain_large_batch_gradient(shapes_root, lora):
     for name, value in plain_terms.items():
         assert cached_terms[name].item() == pytest.approx(value.item(), rel=1e-5), name
     worst = max(float((cached[n] - plain[n]).abs().max() / plain[n].abs().max().clamp_min(1e-12)) for n in plain)
-    assert worst < 1e-4
+    # float32 noise: the chunks are padded to other lengths than the whole batch, so their
+    # attention sums run in another order (measured 1.2e-4 and 2.4e-4 with the b3 target prompts,
+    # which changed the texts); a wrong gradient path differs by orders of magnitude more
+    assert worst < 1e-3
 
 
 def test_rows_slices_images_with_their_rows(shapes_root):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from rematch import ReMatchModel
-from rematch.config import LossConfig, load_config
+from rematch.backbones.attention import mask_for_kernel, masked_attention
+from rematch.config import ConfigError, LossConfig, load_config
+from rematch.losses import LossWeights, ReMatchLoss, matching_loss, yes_no_logits
+from rematch.matching import MatchSample, build_packed_batch, match_logits, matching_inputs, pair_kinds
 from rematch.training.collate import TrainCollator
 from rematch.data.items import Item
 from rematch.data.records import TrainExample
@@ -20,12 +24,14 @@ from rematch.demo.settings import BACKBONES, RANDOM_BACKBONE, ROWS, DemoSettings
 from rematch.model import EmbeddingOutput
 from rematch.training.gradcache import GradCache
 from rematch.training.loop import prepare_model
+from rematch.training.matching_diagnostics import VIEW_METRICS, matching_by_view, split_view_metrics
 from rematch.training.step import (
     ReMatchTrainingModule,
     document_identity,
     freeze_parameters_without_loss,
     vision_parameters,
 )
+from rematch.world.scenes import Scene, ShapeObject, render
 
 # ------------------------------------------------------------------ in-batch fallback negatives
 
@@ -133,3 +139,102 @@ def test_a_step_without_images_or_matching_samples_still_gives_every_trainable_p
                 assert not p.grad.any(), run
         assert model.query_tokens.grad.any(), run
 
+
+
+# ------------------------------------------------------------------ the matching loss's vocabulary
+
+MATCHING_INSTRUCTION = "Does the document match the query? Answer only Yes or No."
+
+
+def _match_samples() -> list[MatchSample]:
+    def picture(colour: str) -> Image.Image:
+        return render(Scene((ShapeObject(colour, "circle", "large", 0.5, 0.5),)), side=56)
+
+    return [MatchSample(Item(text="a large red circle"), (Item(image=picture("red")), Item(image=picture("blue"))),
+                        (True, False)),
+            MatchSample(Item(text="<|image_1|> What colour is the circle?", image=picture("green")),
+                        (Item(text="purple"), Item(text="green")), (False, True))]
+
+
+def _packed(model):
+    batch = build_packed_batch(model.adapter, _match_samples(), model.config.system_prompt, MATCHING_INSTRUCTION)
+    soft = F.normalize(torch.randn(6, model.hidden_size, generator=torch.Generator().manual_seed(0)), dim=-1)
+    return batch, soft
+
+
+def test_yes_no_matching_is_the_two_way_loss_on_the_yes_no_rows(tiny_model):
+    """``yes_no`` (the default) is today's loss: the logits match_logits gives (the two LM-head
+    rows), and the 2-way cross-entropy over them, to the bit."""
+    assert LossConfig().matching_vocabulary == "yes_no"
+    module = ReMatchTrainingModule(tiny_model, LossConfig())
+    batch, soft = _packed(tiny_model)
+    with torch.no_grad():
+        logits = module.answer_logits(batch, soft)
+        assert torch.equal(logits, match_logits(tiny_model, batch, soft))
+        term = ReMatchLoss(LossWeights(0.0, 0.0, 1.0))(soft[:2], soft[:2], None, None, logits, batch.labels)
+    assert torch.equal(term["matching"], F.cross_entropy(logits.reshape(-1, 2).float(), batch.labels))
+
+
+def test_full_vocabulary_matching_is_transformers_own_cross_entropy_at_the_answer_positions(tiny_model):
+    """``full`` (the paper's L_qdm) equals the loss the causal LM's own forward computes over its
+    full logits at every position, with labels ("Yes"/"No") at the answer positions only; the
+    step computes the vocabulary logits at those positions alone."""
+    module = ReMatchTrainingModule(tiny_model, LossConfig(matching_vocabulary="full"))
+    ids = (tiny_model.yes_token_id, tiny_model.no_token_id)
+    assert module.answer_token_ids == ids
+    batch, soft = _packed(tiny_model)
+    causal_lm = tiny_model.adapter.causal_lm(tiny_model.backbone)
+    vocabulary = causal_lm.get_output_embeddings().weight.shape[0]
+    with torch.no_grad():
+        logits = module.answer_logits(batch, soft)
+        assert logits.shape == (2, 8, vocabulary)
+        ours = ReMatchLoss(LossWeights(0.0, 0.0, 1.0), answer_token_ids=ids)(
+            soft[:2], soft[:2], None, None, logits, batch.labels)["matching"]
+        # transformers: one forward over every position; a label at position t + 1 scores the
+        # logits at t, so one padding column (seen by nothing) follows the last answer
+        embeds, _ = matching_inputs(tiny_model, batch, soft)
+        rows, length, width = embeds.shape
+        embeds = torch.cat([embeds, embeds.new_zeros(rows, 1, width)], dim=1)
+        mask = torch.zeros(rows, length + 1, length + 1, dtype=torch.bool)
+        mask[:, :length, :length] = batch.block_mask
+        mask[:, length, length] = True
+        positions = torch.cat([batch.position_ids, batch.position_ids[:, :, -1:] + 1], dim=2)
+        labels = torch.full((rows, length + 1), -100)
+        labels[batch.answer_rows, batch.answer_cols + 1] = torch.tensor(ids)[batch.labels]
+        with masked_attention(causal_lm) as kernel:
+            attention = mask_for_kernel(mask[:, None], kernel, embeds.dtype)
+            output = causal_lm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, labels=labels,
+                               use_cache=False)
+    assert output.logits.shape == (rows, length + 1, vocabulary)
+    torch.testing.assert_close(logits.reshape(-1, vocabulary), output.logits[batch.answer_rows, batch.answer_cols])
+    assert ours.item() == pytest.approx(output.loss.item(), rel=1e-5)
+    # reranking's p(Yes) / (p(Yes) + p(No)) reads the same two columns the 2-way loss uses
+    torch.testing.assert_close(yes_no_logits(logits, ids), match_logits(tiny_model, batch, soft).reshape(-1, 2))
+    # the generative loss spends probability on the other tokens too: never below the 2-way one
+    two_way = matching_loss(yes_no_logits(logits, ids), batch.labels, reduction="none")
+    assert (matching_loss(logits, batch.labels, reduction="none", answer_token_ids=ids) >= two_way - 1e-6).all()
+    # the per-view metrics use the configured vocabulary: weighted by pair counts they give the loss
+    views = matching_by_view(logits, batch.labels, pair_kinds(2), ids, torch.device("cpu"))
+    counts = Counter(pair_kinds(2))
+    weighted = sum(counts[k] * views[f"matching_loss/{k}"] for k in counts) / sum(counts.values())
+    assert weighted.item() == pytest.approx(ours.item(), rel=1e-6)
+
+
+def test_a_full_vocabulary_step_trains_the_projector_and_logs_the_views():
+    model = ReMatchModel.tiny(num_tokens=2, seed=0)
+    module = ReMatchTrainingModule(model, LossConfig(matching=0.1, matching_vocabulary="full"), seed=0)
+    batch = TrainCollator(model)([TrainExample(Item("a red circle"), Item("red circle"), (Item("blue star"),)),
+                                  TrainExample(Item("a blue star"), Item("blue star"), (Item("red circle"),))])
+    terms = module(batch, 0)
+    terms["loss"].backward()
+    assert model.projector.mlp[0].weight.grad.abs().sum() > 0
+    assert set(VIEW_METRICS) <= set(terms)
+    losses, metrics = split_view_metrics(terms)
+    assert set(metrics) == set(VIEW_METRICS) and not set(VIEW_METRICS) & set(losses)
+    total = terms["contrastive"] + 0.5 * terms["orthogonality"] + 0.1 * terms["matching"]
+    assert terms["loss"].item() == pytest.approx(total.item(), rel=1e-6)  # metrics are not in the objective
+    with pytest.raises(ConfigError, match="matching_vocabulary"):
+        load_config("configs/demo-tiny.yaml", ["loss.matching_vocabulary=vocabulary"])
+    for recipe in sorted(Path("configs").glob("rematch-*.yaml")):
+        assert load_config(recipe).loss.matching_vocabulary == "full", recipe.name
+    assert load_config("configs/demo-tiny.yaml").loss.matching_vocabulary == "yes_no"

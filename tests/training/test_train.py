@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ import torch
 
 from rematch import ReMatchModel
 from rematch.config import load_config
+from rematch.matching import VIEW_KINDS, pair_kinds
+from rematch.training.matching_diagnostics import VIEW_METRICS
 from rematch.training.loop import train
 from rematch.training.runner import NonFiniteLossError
 
@@ -42,6 +46,31 @@ def test_a_short_run_writes_the_model_logs_and_plot(shapes_run):
     model = ReMatchModel.from_pretrained(result.model_dir)
     assert model.num_tokens == 4
     assert np.isfinite(model.encode(["a large red circle"])).all()
+
+
+def test_every_step_logs_the_matching_loss_and_accuracy_of_each_view_pair_kind(shapes_run):
+    """Per-view metrics: in every row, weighted by their pair counts they average to the logged
+    matching loss; they are not loss terms (not in the total, not among the final losses)."""
+    out, result = shapes_run
+    counts = Counter(pair_kinds(2))
+    assert set(counts) == set(VIEW_KINDS) and len(VIEW_METRICS) == 8
+    jsonl = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    with open(out / "losses.csv", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert len(csv_rows) == len(jsonl) == 4
+    for row, csv_row in zip(jsonl, csv_rows):
+        assert set(VIEW_METRICS) <= set(row) and set(VIEW_METRICS) <= set(csv_row), row["step"]
+        losses = {kind: row[f"matching_loss/{kind}"] for kind in VIEW_KINDS}
+        weighted = sum(counts[kind] * loss for kind, loss in losses.items()) / sum(counts.values())
+        assert weighted == pytest.approx(row["matching"], abs=2e-6), row["step"]
+        for kind in VIEW_KINDS:
+            accuracy = row[f"matching_accuracy/{kind}"]
+            # 2 samples x 2 pairs of each kind: an accuracy is a multiple of 1/4
+            assert 0.0 <= accuracy <= 1.0 and (4 * accuracy) == pytest.approx(round(4 * accuracy)), row["step"]
+            assert float(csv_row[f"matching_loss/{kind}"]) == losses[kind]
+        total = 1.0 * row["contrastive"] + 0.5 * row["orthogonality"] + 0.1 * row["matching"]
+        assert row["loss"] == pytest.approx(total, abs=1e-5)
+    assert not set(VIEW_METRICS) & set(result.final_losses)
 
 
 def test_training_changes_the_tokens_and_the_backbone(shapes_run):

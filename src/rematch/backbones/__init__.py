@@ -18,6 +18,7 @@ from rematch.backbones.base import BackboneAdapter, EncoderBatch
 from rematch.backbones.pretrained_tiny import PRETRAINED_TINY, asset_dir, verify_checksums
 from rematch.backbones.processor import ImageOnlyQwenVLProcessor
 from rematch.backbones.qwen3_vl import Qwen3VLAdapter
+from rematch.backbones.quiet import no_loading_bars
 from rematch.backbones.qwen_vl import QwenVLAdapter
 from rematch.backbones.tiny import build_tiny_backbone
 from rematch.config import ModelConfig
@@ -51,9 +52,10 @@ def load_weights(model_class: type[PreTrainedModel], path: str | Path, dtype: to
     from safetensors import SafetensorError
 
     try:
-        model, info = model_class.from_pretrained(path, dtype=dtype,
-                                                  attn_implementation=load_time_attention(attn_implementation),
-                                                  ignore_mismatched_sizes=True, output_loading_info=True)
+        with no_loading_bars():  # the "Loading weights 81/81" bar, printed by every command otherwise
+            model, info = model_class.from_pretrained(path, dtype=dtype,
+                                                      attn_implementation=load_time_attention(attn_implementation),
+                                                      ignore_mismatched_sizes=True, output_loading_info=True)
     except StrictDataclassError as error:
         raise CheckpointFilesError(f"{Path(path) / 'config.json'} is not a valid configuration: "
                                    f"{' '.join(str(error).split())}") from error

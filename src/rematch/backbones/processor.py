@@ -87,6 +87,30 @@ def video_patches(frames: np.ndarray, image_processor) -> tuple[np.ndarray, list
             [grid_t, grid_h, grid_w])
 
 
+class ProcessorConfigError(ValueError):
+    """A model's ``preprocessor_config.json`` holds values no image can be cut with."""
+
+
+def check_image_processor(image_processor, where: str) -> None:
+    """The patch geometry every image and video is cut with: positive integers, checked on load
+    (``patch_size: 0`` failed with a ZeroDivisionError deep in the first encode)."""
+    for name in ("patch_size", "merge_size", "temporal_patch_size"):
+        value = getattr(image_processor, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+            raise ProcessorConfigError(f"{where}: {name} must be an integer within 1..1024, got {value!r}")
+    size = getattr(image_processor, "size", None) or {}
+    bounds = {name: size.get(key, getattr(image_processor, name, None))
+              for name, key in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge"))}
+    for name, value in bounds.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ProcessorConfigError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+    if None not in bounds.values() and bounds["min_pixels"] > bounds["max_pixels"]:
+        raise ProcessorConfigError(f"{where}: min_pixels ({bounds['min_pixels']}) > max_pixels "
+                                   f"({bounds['max_pixels']})")
+
+
 class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
     """``Qwen2VLProcessor`` without torchvision: works for Qwen2-VL, Qwen2.5-VL and Qwen3-VL still images
     (Qwen3-VL's own processor expands an image to the same ``<|image_pad|>`` run; its patch size
@@ -115,6 +139,7 @@ class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
         """Load the tokenizer and image processor of a local directory or hub checkpoint."""
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **kwargs)
+        check_image_processor(image_processor, f"{name_or_path}/preprocessor_config.json")
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
     #: How a video is written in the text: False, one ``<|video_pad|>`` run (Qwen2-VL, Qwen2.5-VL);

@@ -20,9 +20,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     import json
+    import time
 
     from rematch.world.tasks import write_shapes_dataset
 
+    started = time.perf_counter()
     out = write_shapes_dataset(args.out, train_rows=args.train_rows, eval_queries=args.eval_queries, seed=args.seed,
                                num_candidates=args.candidates, fmt=args.format, image_size=args.image_size,
                                overwrite=args.overwrite, video_clips=args.video_clips, pages=args.pages,
@@ -35,7 +37,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     for task, counts in manifest.get("visdoc", {}).get("tasks", {}).items():
         print(f"{task:<16} visdoc {counts['category']:<14} pages: train {counts['train']['pages']:>4}  "
               f"test {counts['test']['pages']:>4}")
-    print(f"wrote the shapes world to {out} ({manifest['images']} images, {manifest['seconds']} s); "
+    print(f"wrote the shapes world to {out} ({manifest['images']} images, {time.perf_counter() - started:.1f} s); "
           f"check it with: rematch data check {out}")
     return 0
 
@@ -76,6 +78,6 @@ def register(sub) -> None:
                        help="rendered text pages per split, with one query each, in the ViDoRe layout "
                             "(DIR/visdoc-tasks; default 0: none, e.g. 8)")
     synth.add_argument("--overwrite", action="store_true",
-                       help="replace whatever is in --out (by default only a new or empty directory or an earlier "
-                            "shapes world is replaced)")
+                       help="accepted for scripts: --out may be new, empty or an earlier shapes world (replaced "
+                            "whole); a folder with anything else in it is refused, --overwrite or not")
     synth.set_defaults(func=cmd_synth)

@@ -37,8 +37,7 @@ def cmd_mmeb(args: argparse.Namespace) -> int:
         return 0
     if args.model is None or args.data is None:
         raise SystemExit("rematch eval mmeb: --model and --data go together")
-    if args.input_limits == "official":
-        _input_limits(args, None)  # bad values fail before the model is loaded
+    _check_limit_flags(args)  # bad values fail before the model is loaded
     with torchrun_session() as device:
         model = _model(args, device)
         summary = evaluate_mmeb_source(
@@ -53,15 +52,30 @@ def cmd_mmeb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_limit_flags(args: argparse.Namespace) -> None:
+    """The input-limit flags, before any model is loaded: the official preset resolves without
+    one; with the model's own limits at least the flags must agree with each other."""
+    if args.input_limits == "official":
+        _input_limits(args, None)
+    elif args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        _input_limits(args, None)
+
+
 def _input_limits(args: argparse.Namespace, model):
     """The input limits of ``eval mmeb``: the --input-limits preset with --min/--max-pixels, --max-text-tokens."""
     from rematch.evaluation.settings import InputLimitsError, resolve_limits
 
+    if args.min_pixels is not None and args.max_pixels is not None and args.min_pixels > args.max_pixels:
+        raise InputLimitsError(f"--min-pixels ({args.min_pixels}) > --max-pixels ({args.max_pixels}): give a "
+                               "smallest image area at most the largest")
     try:
         return resolve_limits(args.input_limits, model, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                               max_text_tokens=args.max_text_tokens)
-    except InputLimitsError as error:
-        raise SystemExit(f"rematch eval mmeb: {error}") from error
+    except InputLimitsError as error:  # one line "rematch: error: ...", the flags named as the user wrote them
+        message = str(error)
+        for name in ("min_pixels", "max_pixels", "max_text_tokens"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise InputLimitsError(message) from None
 
 
 def cmd_mmeb_v2(args: argparse.Namespace) -> int:
@@ -70,8 +84,7 @@ def cmd_mmeb_v2(args: argparse.Namespace) -> int:
 
     if args.rerank:
         raise SystemExit("rematch eval mmeb-v2: --rerank is not supported yet (use eval mmeb for image tasks)")
-    if args.input_limits == "official":
-        _input_limits(args, None)  # bad values fail before the model is loaded
+    _check_limit_flags(args)  # bad values fail before the model is loaded
     with torchrun_session() as device:
         model = _model(args, device)
         evaluate_mmeb_v2(model, args.data, args.out, modalities=args.modalities, tasks=args.tasks,
@@ -100,8 +113,11 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_generative(args: argparse.Namespace) -> int:
-    from rematch.evaluation.generative import evaluate_generative, format_table, load_generative_model, write_result
+    from rematch.evaluation.generative import (
+        check_result_directory, evaluate_generative, format_table, load_generative_model, write_result)
 
+    if args.out:
+        check_result_directory(args.out)  # before the model loads and the evaluation runs
     model = load_generative_model(args.model, image_size=args.image_size, device=args.device)
     result = evaluate_generative(model, per_type=args.scenes, seed=args.seed, batch_size=args.batch_size,
                                  image_position=args.image_position)

@@ -6,9 +6,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-OVERWRITE_HELP = ("replace whatever is at OUT (by default only a new or empty directory or an earlier export is "
-                  "replaced)")
-UNTRAINED_HELP = "allow a model whose ReMatch heads are untrained (random), e.g. for a smoke test"
+OVERWRITE_HELP = ("replace whatever is at OUT (default: only a new or empty directory or an earlier export of the "
+                  "same --format is replaced)")
+UNTRAINED_HELP = "allow a model whose ReMatch heads are untrained (random), e.g. for a smoke test (default: refused)"
 
 
 def _load(spec: str):
@@ -26,8 +26,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from rematch.evaluation.report import read_eval_table
     from rematch.export import export_model
 
+    from rematch.export.exporter import check_export_target
+
     if args.eval is not None:
         read_eval_table(args.eval)  # an unreadable summary fails before the model loads
+    check_export_target(Path(args.out), args.format, args.overwrite)  # so does an export of the other format
     model, model_dir = _load(args.model)
     out = export_model(model, args.out, args.format, overwrite=args.overwrite, model_dir=model_dir,
                        eval_dir=args.eval, allow_untrained=args.allow_untrained)
@@ -66,9 +69,11 @@ def register(sub) -> None:
     export.add_argument("out", help="the directory to write")
     export.add_argument("--format", default="transformers", choices=["transformers", "sentence-transformers"],
                         help="transformers: a plain Qwen-VL checkpoint, the learnable tokens in its vocabulary; "
-                             "sentence-transformers: the same plus a module for SentenceTransformer")
+                             "sentence-transformers: the same plus a module for SentenceTransformer "
+                             "(default %(default)s)")
     export.add_argument("--eval", default=None, metavar="EVAL_DIR",
-                        help="an `rematch eval mmeb` output directory of this model: its scores go on the card")
+                        help="an `rematch eval mmeb` output directory of this model: its scores go on the card "
+                             "(default: no scores)")
     export.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     export.add_argument("--allow-untrained", action="store_true", help=UNTRAINED_HELP)
     export.set_defaults(func=cmd_export)
@@ -77,8 +82,10 @@ def register(sub) -> None:
     push.add_argument("model", help="a saved ReMatch model directory (or hub id)")
     push.add_argument("repo_id", help="hub repository, org/name (created if new)")
     push.add_argument("--eval", default=None, metavar="EVAL_DIR",
-                      help="an `rematch eval mmeb` output directory of this model: its scores go on the card")
-    push.add_argument("--private", action="store_true", help="create the repository as private")
-    push.add_argument("--license", default=None, help="license identifier for the card (e.g. apache-2.0)")
+                      help="an `rematch eval mmeb` output directory of this model: its scores go on the card "
+                           "(default: no scores)")
+    push.add_argument("--private", action="store_true", help="create the repository as private (default: public)")
+    push.add_argument("--license", default=None,
+                      help="license identifier for the card, e.g. apache-2.0 (default: none on the card)")
     push.add_argument("--allow-untrained", action="store_true", help=UNTRAINED_HELP)
     push.set_defaults(func=cmd_push)

@@ -1,4 +1,5 @@
-"""``rematch index build`` and ``rematch search``: a FAISS index of a corpus, and top-k queries against it."""
+"""``rematch index build | add | delete`` and ``rematch search``: a FAISS index of a corpus, kept up to date,
+and top-k queries against it."""
 
 from __future__ import annotations
 
@@ -35,6 +36,35 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add(args: argparse.Namespace) -> int:
+    from rematch.commands.loading import load_model
+    from rematch.distributed import is_main_process, torchrun_session
+    from rematch.retrieval.corpus import read_corpus
+    from rematch.retrieval.index import index_model_spec, read_manifest
+    from rematch.retrieval.index_update import add_to_index
+
+    read_manifest(Path(args.index))  # not an index (or a build still running): one line, before the model loads
+    corpus = read_corpus(args.corpus, args.image_root, instruction=args.instruction)
+    with torchrun_session() as device:
+        if is_main_process():
+            print(f"read {len(corpus)} new items from {args.corpus}")
+        model = load_model(index_model_spec(args.index, args.model), device or args.device,
+                           allow_untrained=args.allow_untrained)
+        add_to_index(model, args.index, corpus.items, corpus.ids, metadata=corpus.metadata,
+                     shard_size=args.shard_size, batch_size=args.batch_size, show_progress=args.progress)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from rematch.retrieval.index_update import delete_from_index, read_ids
+
+    if not args.ids and not args.ids_file:
+        raise SystemExit("rematch index delete: give --ids ID [ID ...] and/or --ids-file FILE")
+    ids = list(args.ids or []) + (read_ids(args.ids_file) if args.ids_file else [])
+    delete_from_index(args.index, ids)
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from rematch.commands.loading import load_model
     from rematch.retrieval.index import Index, index_model_spec
@@ -49,14 +79,29 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([hit.as_dict() for hit in hits], indent=2, ensure_ascii=False))
         return 0
-    for hit in hits:
-        shown = hit.metadata.get("text") or hit.metadata.get("image") or ""
-        print(f"{hit.rank:>3}  {hit.score:+.4f}  {hit.id}  {shown[:80]}")
+    for line in format_hits(hits, reranked=bool(args.rerank)):
+        print(line)
     return 0
 
 
+def format_hits(hits, reranked: bool) -> list[str]:
+    """One line per hit: rank, cosine, and with a rerank the matching head's p(Yes) the order comes from."""
+    if reranked:
+        lines = ["rank  cosine   p(Yes)  id  item"]
+    else:
+        lines = ["rank  cosine   id  item"]
+    for hit in hits:
+        shown = (hit.metadata.get("text") or hit.metadata.get("image") or "")[:80]
+        if reranked:
+            p_yes = f"{hit.rerank_score:.4f}" if hit.rerank_score is not None else "     -"
+            lines.append(f"{hit.rank:>4}  {hit.score:+.4f}  {p_yes}  {hit.id}  {shown}")
+        else:
+            lines.append(f"{hit.rank:>4}  {hit.score:+.4f}  {hit.id}  {shown}")
+    return lines
+
+
 def register(sub) -> None:
-    index = sub.add_parser("index", help="build a FAISS index of a corpus")
+    index = sub.add_parser("index", help="build a FAISS index of a corpus, or add and delete items")
     actions = index.add_subparsers(dest="index_command", required=True)
     build = actions.add_parser("build", help="encode a corpus as documents into an index directory (resumable)")
     build.add_argument("--model", required=True, help="model directory, hub id, or tiny[:size[:family]]")
@@ -65,33 +110,67 @@ def register(sub) -> None:
                             "jsonl files, or a directory of images")
     build.add_argument("--out", required=True, help="index directory to write")
     build.add_argument("--index-type", default="flat", choices=["flat", "ivf", "hnsw"],
-                       help="flat = exact inner product (default); ivf / hnsw = approximate, for large corpora")
-    build.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default ~4*sqrt(n))")
-    build.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW links per node")
-    build.add_argument("--shard-size", type=positive_int, default=4096,
-                       help="items per shard; an interrupted build resumes from the last finished shard")
-    build.add_argument("--batch-size", type=positive_int, default=16)
-    build.add_argument("--image-root", default=None, help="base of relative image paths (default: the jsonl's "
-                                                          "directory)")
-    build.add_argument("--instruction", default=None, help="instruction for items that have none")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+                       help="flat = exact inner product; ivf / hnsw = approximate, for large corpora "
+                            "(default %(default)s)")
+    build.add_argument("--nlist", type=positive_int, default=None,
+                       help="IVF lists (default: about 4 * sqrt(n), at least 39 vectors per list)")
+    build.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW links per node (default %(default)s)")
+    _encoding_flags(build, "an interrupted build resumes from the last finished shard")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace an existing index in --out (default: an existing index is refused)")
     add_model_loading_flags(build)
-    build.add_argument("--progress", action="store_true")
     build.set_defaults(func=cmd_build)
+
+    add = actions.add_parser("add", help="encode new items into an existing index (resumable; the other items are "
+                                         "not encoded again)")
+    add.add_argument("--index", required=True, help="index directory to add to")
+    add.add_argument("--corpus", required=True,
+                     help="the new items: jsonl, a directory of jsonl files, or a directory of images; ids must be "
+                          "new to the index")
+    add.add_argument("--model", default=None,
+                     help="model to encode them (default: the one recorded in the index); it must be the model the "
+                          "index was built with")
+    _encoding_flags(add, "an interrupted add resumes from the last finished shard")
+    add_model_loading_flags(add)
+    add.set_defaults(func=cmd_add)
+
+    delete = actions.add_parser("delete", help="remove items from an index by id (no model needed)")
+    delete.add_argument("--index", required=True, help="index directory to delete from")
+    delete.add_argument("--ids", nargs="+", default=None, metavar="ID", help="ids of the items to remove "
+                                                                             "(default: none)")
+    delete.add_argument("--ids-file", default=None, metavar="FILE",
+                        help="a text file with one id per line to remove (default: none)")
+    delete.set_defaults(func=cmd_delete)
 
     search = sub.add_parser("search", help="top-k items of an index for a text and/or image query")
     search.add_argument("--index", required=True, help="index directory")
     search.add_argument("--model", default=None,
                         help="model to encode the query (default: the one recorded in the index); it must be the "
                              "model the index was built with")
-    search.add_argument("--text", default=None)
-    search.add_argument("--image", default=None, help="path of a query image")
-    search.add_argument("--instruction", default=None, help="task instruction for the query")
-    search.add_argument("-k", type=positive_int, default=10)
+    search.add_argument("--text", default=None, help="query text (default: none; give --text and/or --image)")
+    search.add_argument("--image", default=None, help="path of a query image (default: none)")
+    search.add_argument("--instruction", default=None, help="task instruction for the query (default: none)")
+    search.add_argument("-k", type=positive_int, default=10, help="how many hits to show (default %(default)s)")
     search.add_argument("--rerank", type=non_negative_int, default=0, metavar="N",
-                        help="rerank the top N with the matching head (p(Yes) of the generative branch)")
-    search.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists to search")
-    search.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search breadth")
-    search.add_argument("--json", action="store_true", help="print hits as JSON")
+                        help="rerank the top N with the matching head and show its p(Yes) beside the cosine "
+                             "(default %(default)s: no rerank)")
+    search.add_argument("--nprobe", type=positive_int, default=None,
+                        help="IVF lists to search (default: the index's, 16)")
+    search.add_argument("--ef-search", type=positive_int, default=None,
+                        help="HNSW search breadth (default: the index's, 128)")
+    search.add_argument("--json", action="store_true", help="print hits as JSON (default: a table)")
     add_model_loading_flags(search)
     search.set_defaults(func=cmd_search)
+
+
+def _encoding_flags(parser: argparse.ArgumentParser, resume: str) -> None:
+    """Flags of the commands that encode a corpus into an index: batching, shards, images, progress."""
+    parser.add_argument("--shard-size", type=positive_int, default=4096,
+                        help=f"items per shard; {resume} (default %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="items per forward (default %(default)s)")
+    parser.add_argument("--image-root", default=None,
+                        help="base of relative image paths (default: the jsonl's directory)")
+    parser.add_argument("--instruction", default=None, help="instruction for items that have none (default: none)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show an encoding progress bar, as `rematch encode` does (default: shown; "
+                             "--no-progress hides it)")

@@ -59,16 +59,15 @@ def cmd_mine(args: argparse.Namespace) -> int:
     model_source = None
     if args.model is not None:  # what the report records: an absolute path for a local directory
         model_source = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    try:
-        result = mine_negatives(model, args.data, args.out, settings, subsets=args.subsets, split=args.split,
-                                image_root=args.image_root, batch_size=args.batch_size,
-                                shard_size=args.shard_size, skip_bad=args.skip_bad,
-                                strip_orphan_placeholders=args.strip_orphan_placeholders,
-                                keep_embeddings=args.keep_embeddings, model_source=model_source,
-                                preset=None if overrides else args.preset,
-                                show_progress=args.progress, log=None if args.json else print)
-    except MiningError as error:
-        raise SystemExit(f"rematch mine: {error}") from error
+    # a MiningError (a ValueError: the output is the data root, a subset has no rows...) ends as one
+    # line "rematch: error: ..." like every other refusal of the input or the output path
+    result = mine_negatives(model, args.data, args.out, settings, subsets=args.subsets, split=args.split,
+                            image_root=args.image_root, batch_size=args.batch_size,
+                            shard_size=args.shard_size, skip_bad=args.skip_bad,
+                            strip_orphan_placeholders=args.strip_orphan_placeholders,
+                            keep_embeddings=args.keep_embeddings, model_source=model_source,
+                            preset=None if overrides else args.preset,
+                            show_progress=args.progress, log=None if args.json else print)
     if args.json:
         print(json.dumps(json.loads(result.report_path.read_text(encoding="utf-8")), indent=2))
     else:

@@ -10,8 +10,8 @@ from rematch.commands.common import non_negative_int, positive_int, read_jsonl
 from rematch.commands.loading import add_model_loading_flags
 from rematch.config import ROLES  # rematch.config is light (yaml, no torch)
 
-OVERWRITE_HELP = ("replace whatever is at the output path (by default only a new or empty directory or a saved "
-                  "ReMatch model is replaced)")
+OVERWRITE_HELP = ("accepted for scripts: the output path may be new, empty or a saved ReMatch model (replaced "
+                  "whole); a folder holding anything else is refused, --overwrite or not")
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -23,19 +23,13 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def is_npy_file(path: Path) -> bool:
-    """Whether ``path`` holds a NumPy array (its magic bytes): what ``encode`` may replace."""
-    with open(path, "rb") as handle:
-        return handle.read(6) == b"\x93NUMPY"
-
-
 def check_npy_output(path: str, overwrite: bool) -> Path:
     """``--out`` of ``encode``, checked before any work: a ``.npy`` path (``np.save`` would add the
-    suffix itself, so the array landed next to where the message said) that is new or an array."""
-    from rematch.atomic import check_file_replaceable
+    suffix itself, so the array landed next to where the message said) that is new, or an
+    existing file replaced only with ``--overwrite`` (an array there may be the user's own)."""
+    from rematch.outputs import check_new_file
 
-    out = Path(path)
-    check_file_replaceable(out, is_npy_file, "a .npy array", overwrite=overwrite)
+    out = check_new_file(path, "the embeddings", overwrite=overwrite)
     if out.suffix != ".npy" or out.name == ".npy":
         raise ValueError(f"--out {path}: embeddings are written as a NumPy array; give a path ending in .npy")
     return out
@@ -71,7 +65,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     if meta is None:
         raise NotAReMatchModelError(f"{args.model} is not a saved ReMatch model: {directory / CONFIG_NAME} "
                                     "is missing")
-    print(json.dumps(meta, indent=2))
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    from rematch.hub.summary import summary_lines
+
+    print("\n".join(summary_lines(meta, args.model)))
     return 0
 
 
@@ -100,14 +99,16 @@ def register(sub) -> None:
     encode = sub.add_parser("encode", help="embed the items of a jsonl file into a .npy array")
     encode.add_argument("--model", required=True, help="model directory, hub id, or tiny[:size[:family]]")
     encode.add_argument("--input", required=True, help="jsonl with text / image / instruction fields")
-    encode.add_argument("--role", default="query", choices=ROLES)
+    encode.add_argument("--role", default="query", choices=ROLES,
+                        help="query or document: which learnable tokens (and, for documents, the default "
+                             "document instruction) the items get (default %(default)s)")
     encode.add_argument("--out", required=True, help="output .npy path")
-    encode.add_argument("--batch-size", type=positive_int, default=16)
+    encode.add_argument("--batch-size", type=positive_int, default=16, help="items per forward (default %(default)s)")
     encode.add_argument("--shard-size", type=positive_int, default=4096,
                         help="items per shard; an interrupted run resumes from the finished shards, and under "
-                             "torchrun each rank encodes its share of them")
+                             "torchrun each rank encodes its share of them (default %(default)s)")
     encode.add_argument("--overwrite", action="store_true",
-                        help="replace whatever file is at --out (by default only a .npy array is replaced)")
+                        help="replace the file at --out if there is one (by default an existing file is refused)")
     add_model_loading_flags(encode)
     encode.set_defaults(func=cmd_encode)
 
@@ -117,6 +118,9 @@ def register(sub) -> None:
     merge.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     merge.set_defaults(func=cmd_merge_lora)
 
-    info = sub.add_parser("info", help="print a saved model's rematch_config.json")
+    info = sub.add_parser("info", help="summarise a saved model (backbone, heads, embedding, limits); --json for its "
+                                       "whole rematch_config.json")
     info.add_argument("model", help="model directory or hub id")
+    info.add_argument("--json", action="store_true",
+                      help="print the whole rematch_config.json instead of the summary (default: the summary)")
     info.set_defaults(func=cmd_info)

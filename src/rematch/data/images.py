@@ -8,8 +8,10 @@ every failure a message that names the item and the file.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -179,15 +181,63 @@ class DecodeCheck:
 
 
 def image_stamp(item: Item) -> str:
-    """Why: embedding caches and indexes must notice an image file that changed under its path.
+    """Why: embedding caches and index shards must notice an image file that changed under its
+    path -- including one swapped for another of the same size and modification time, which a
+    size + mtime stamp served from the cache (27 such images in one probe).
 
-    Size and mtime of a path image or video file / frame directory ("missing" if absent:
-    encoding will then raise a clear error)."""
-    image = item.image if item.image is not None else item.video
-    if image is None or not isinstance(image, (str, os.PathLike)):
+    The stamp is a hash of the file's bytes (:func:`content_digest`): of an image or video
+    file, of every frame of a frame directory or frame list. "missing" if absent (encoding then
+    raises a clear error); in-memory PIL images are keyed by their pixels in ``Item.cache_key``."""
+    source = item.image if item.image is not None else item.video
+    if source is None:
         return ""
+    if isinstance(source, (str, os.PathLike)):
+        return content_digest(source)
+    if isinstance(source, (list, tuple)):  # a video given as frames
+        stamps = [content_digest(frame) for frame in source if isinstance(frame, (str, os.PathLike))]
+        return "frames:" + hashlib.sha256("\x00".join(stamps).encode()).hexdigest()[:32] if stamps else ""
+    return ""
+
+
+#: ``(path, device, inode, size, mtime_ns, ctime_ns) -> digest``: a file is read once per process
+#: while none of these change (a cache lookup then costs a ``stat``, as the old size + mtime stamp did).
+_DIGESTS: dict[tuple, str] = {}
+_MAX_REMEMBERED = 1_000_000
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """A hash of a file's bytes (a directory: of its regular files' names and bytes, in name order).
+
+    A FIFO, socket or device is never read (it could block or never end): its stamp names its
+    kind, and encoding it fails with a clear error anyway."""
     try:
-        stat = os.stat(image)
+        info = os.stat(path)
     except OSError:
         return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    if stat.S_ISDIR(info.st_mode):
+        digest = hashlib.sha256()
+        try:
+            entries = sorted(os.scandir(path), key=lambda entry: entry.name)
+        except OSError:
+            return "unreadable"
+        for entry in entries:
+            if entry.is_file():
+                digest.update(f"{entry.name}\x00{content_digest(entry.path)}\x01".encode("utf-8", "surrogatepass"))
+        return "dir:" + digest.hexdigest()[:32]
+    if not stat.S_ISREG(info.st_mode):
+        return f"special:{stat.S_IFMT(info.st_mode)}"
+    key = (os.fspath(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    found = _DIGESTS.get(key)
+    if found is None:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError:
+            return "unreadable"
+        found = digest.hexdigest()[:32]
+        if len(_DIGESTS) >= _MAX_REMEMBERED:
+            _DIGESTS.clear()
+        _DIGESTS[key] = found
+    return found

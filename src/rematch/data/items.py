@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -91,6 +92,17 @@ def video_key(video: VideoSource) -> str | tuple:
 ItemLike = Union[Item, str, Mapping[str, Any]]
 
 
+#: Unicode categories that draw nothing: format characters (zero-width space and joiners, bidi
+#: overrides and isolates, the BOM), controls, separators.
+_INVISIBLE = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` has a character that is seen: a text of only zero-width or bidi-override
+    characters was embedded as if it had content."""
+    return any(unicodedata.category(character) not in _INVISIBLE for character in text)
+
+
 def as_item(value: ItemLike, index: int = 0, where: str = "item") -> Item:
     """Validate one item-like value; errors name ``where`` and ``index``."""
     if isinstance(value, Item):
@@ -122,8 +134,12 @@ def as_item(value: ItemLike, index: int = 0, where: str = "item") -> Item:
         raise ItemError(f"{where} {index}: has both an image and a video; an item holds at most one visual "
                         "input (split it into two items)")
     text = item.text or ""
-    has_text = bool(VIDEO_PLACEHOLDER.sub("", IMAGE_PLACEHOLDER.sub("", text)).strip())
+    bare = VIDEO_PLACEHOLDER.sub("", IMAGE_PLACEHOLDER.sub("", text)).strip()
+    has_text = has_visible_text(bare)
     if not has_text and not item.has_visual:
+        if bare:
+            raise ItemError(f"{where} {index}: field 'text' holds only invisible characters (zero-width, bidi "
+                            "override or other format characters), so the item is empty")
         raise ItemError(f"{where} {index}: has neither text nor image nor video")
     for pattern, kind, present in ((IMAGE_PLACEHOLDER, "image", item.image), (VIDEO_PLACEHOLDER, "video", item.video)):
         placeholders = len(pattern.findall(text))

@@ -56,6 +56,9 @@ def row_config(settings: DemoSettings, row: AblationRow, seed: int, data_root: P
         "model.backbone": settings.backbone, "model.tiny_family": "qwen2_vl", "model.tiny_size": "tiny",
         "model.seed": seed, "model.min_pixels": side * side, "model.max_pixels": side * side,
         "data.source": str(data_root), "data.subsets": list(SUBSETS),
+        # the demo's tables (README) were measured with the per-subset system-turn instructions; the
+        # library's default became B3's inline prefixes (issue 26): pinned until the demo is re-measured
+        "model.target_prompt_style": "system",
         "loss.temperature": settings.temperature,
         "loss.matching_samples": max(1, settings.batch_size // 4),  # as the paper recipes: 1/4 of the batch
         "lora.enabled": False,
@@ -83,6 +86,7 @@ def prepare_data(settings: DemoSettings, log: Callable[[str], None]) -> Path:
         return root
     log(f"generating the shapes world: {settings.train_rows} training rows, {settings.eval_queries} queries x "
         f"{settings.eval_candidates} candidates for each of {len(SUBSETS)} evaluation subsets")
+    marker.unlink(missing_ok=True)  # not part of the world: write_shapes_dataset replaces only a world's own files
     write_shapes_dataset(root, train_rows=settings.train_rows, eval_queries=settings.eval_queries, seed=0,
                          num_candidates=settings.eval_candidates, video_clips=settings.video_clips,
                          pages=settings.pages)
@@ -242,11 +246,35 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> Demo
         return _run_demo(settings, log)
 
 
+#: What the demo writes into its output folder (the demo's own, recorded in its output marker).
+DEMO_OUTPUTS = ("data", "runs", "cache", "index", "eval-video-pages", "report.md", "loss_curves.png",
+                "retrieval_examples.png", "demo_results.json", "full_config.yaml")
+
+
+def check_demo_output(out: Path):
+    """Claim ``out`` for the demo: new, empty or an earlier demo's folder, and no file of the
+    user's under one of :data:`DEMO_OUTPUTS` (checked before the long run, not after it)."""
+    from rematch.outputs import claim_outputs
+
+    return claim_outputs(out, "demo", DEMO_OUTPUTS, adopt=_earlier_demo)
+
+
+def _earlier_demo(directory: Path) -> set[str]:
+    """A demo folder written before output markers: its ``demo_results.json`` names its settings and rows."""
+    try:
+        results = json.loads((directory / "demo_results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not (isinstance(results, dict) and {"settings", "records"} <= set(results)):
+        return set()
+    return {name for name in DEMO_OUTPUTS if (directory / name).exists()}
+
+
 def _run_demo(settings: DemoSettings, log: Callable[[str], None]) -> DemoResult:
     from rematch.demo.report import write_report
 
     started = time.perf_counter()
-    settings.out.mkdir(parents=True, exist_ok=True)
+    outputs = check_demo_output(settings.out)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     data_root = prepare_data(settings, log)
@@ -278,4 +306,5 @@ def _run_demo(settings: DemoSettings, log: Callable[[str], None]) -> DemoResult:
     if full:
         dump_yaml(row_config(settings, next(r for r in settings.selected_rows() if r.name == "full"), 0, data_root,
                              full[0].directory), settings.out / "full_config.yaml")
+    outputs.seal()
     return DemoResult(settings, records, report, seconds, timings, searches, other_modalities)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rematch.demo.settings import ALL_ROWS, COMPOSITIONAL, SUBSETS, DemoSettings
+from rematch.matching import VIEW_KINDS
 
 GROUPS = ("classification", "vqa", "retrieval", "grounding", "overall")
 COLUMNS = (*SUBSETS, *GROUPS)
@@ -75,6 +76,44 @@ def compositional_gap(records, metric: str) -> dict | None:
         spreads = [mean_spread([score(p[row], subset, metric) for p in pairs])[1] for row in ("full", "baseline")]
         gaps[subset] = {"gap": statistics.fmean(diffs), "spread": max(spreads), "seeds": len(pairs)}
     return gaps
+
+
+#: The share of a run's last logged steps the rerank table averages its losses over: one
+#: step's matching loss is a handful of pairs, too noisy to say where the head ended.
+LAST_STEPS_SHARE = 0.1
+
+
+def last_steps_means(directory: Path, columns: Sequence[str]) -> dict[str, float]:
+    """Each column's mean over the last 10% of a run's logged steps (at least one), from its
+    ``losses.jsonl``; a column the log does not have (a run older than it) is left out."""
+    from rematch.training.logs import read_log
+
+    rows = read_log(directory / "losses.jsonl")
+    last = rows[-max(1, math.ceil(LAST_STEPS_SHARE * len(rows))):] if rows else []
+    means = {}
+    for column in columns:
+        values = [row[column] for row in last if column in row]
+        if values:
+            means[column] = statistics.fmean(values)
+    return means
+
+
+def matching_cells(runs) -> list[str]:
+    """The rerank table's matching cells of one row: per view kind the loss and the accuracy
+    (``0.693 / 50%``), then the matching loss; each a mean over the row's last steps, then over seeds."""
+    columns = ["matching", *(f"matching_loss/{kind}" for kind in VIEW_KINDS),
+               *(f"matching_accuracy/{kind}" for kind in VIEW_KINDS)]
+    means = [last_steps_means(run.directory, columns) for run in runs]
+
+    def values(column: str, scale: float = 1.0) -> list[float]:
+        return [scale * m[column] for m in means if column in m]
+
+    cells = []
+    for kind in VIEW_KINDS:
+        losses, accuracies = values(f"matching_loss/{kind}"), values(f"matching_accuracy/{kind}", 100.0)
+        cells.append(f"{format_cell(losses, 3)} / {format_cell(accuracies, 0)}%" if losses and accuracies else "-")
+    matching = values("matching")
+    return cells + [format_cell(matching, digits=3) if matching else "-"]
 
 
 def plot_loss_curves(records, path: Path) -> Path:
@@ -191,9 +230,7 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
         if runs:
             first = [format_cell([score(r.evaluation, c) for r in runs]) for c in (*COMPOSITIONAL, "overall")]
             second = [format_cell([score(r.reranked, c) for r in runs]) for c in (*COMPOSITIONAL, "overall")]
-            matching = [r.train["final_losses"]["matching"] for r in runs if "matching" in r.train["final_losses"]]
-            rerank_lines.append([row.label] + [f"{a} -> {b}" for a, b in zip(first, second)]
-                                + [format_cell(matching, digits=3) if matching else "-"])
+            rerank_lines.append([row.label] + [f"{a} -> {b}" for a, b in zip(first, second)] + matching_cells(runs))
     loss_plot = plot_loss_curves(records, out / "loss_curves.png")
     full = next((r for r in records if r.row == "full" and r.seed == 0), None)
     example_plot = plot_retrieval_examples(full.directory / "model", data_root, out / "retrieval_examples.png") \
@@ -235,11 +272,15 @@ def write_report(settings: DemoSettings, records, data_root: Path, searches: lis
     if rerank_lines:
         lines += [f"## Reranking the top {settings.rerank_top} with the matching head (hit@1 %, first stage -> "
                   "reranked)", "",
-                  markdown_table(["row", *(SHORT[c] for c in (*COMPOSITIONAL, "overall")), "matching loss"],
-                                 rerank_lines), "",
-                  f"Matching loss: the row's matching loss at its last training step. ln 2 = {math.log(2):.3f} is "
-                  "a head that cannot tell a relevant document from a hard negative (p(Yes) = 0.5 for both); "
-                  "reranking with such a head reorders the candidates by noise.", ""]
+                  markdown_table(["row", *(SHORT[c] for c in (*COMPOSITIONAL, "overall")), *VIEW_KINDS,
+                                  "matching loss"], rerank_lines), "",
+                  "Matching loss: the row's matching loss over its last 10% of training steps (mean); "
+                  f"ln 2 = {math.log(2):.3f} is a head that cannot tell a relevant document from a hard negative "
+                  "(p(Yes) = 0.5 for both); reranking with such a head reorders the candidates by noise. "
+                  "raw-raw ... soft-soft: the same per kind of (query view, document view) pair, raw content or "
+                  "the soft token of its embedding, as loss / accuracy (p(Yes) > p(No) against the label; 50% "
+                  "is chance); each kind is a quarter of the pairs, so the four losses average to the matching "
+                  "loss.", ""]
     lines += ["## Training and evaluation throughput", "",
               markdown_table(["row", "seed", "train s", "samples/s", "final losses", "eval items/s"],
                              [[r.row, str(r.seed), f"{r.train['seconds']:.0f}", f"{r.train['samples_per_second']:.1f}",

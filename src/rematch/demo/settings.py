@@ -71,6 +71,9 @@ FROM_SCRATCH = AblationRow("from_scratch", "full ReMatch, random start (no pre-t
 ALL_ROWS: tuple[AblationRow, ...] = (*ROWS, FROM_SCRATCH)
 
 #: Backbones the demo can start from.
+#: The most training steps per demo row (the default is 300: beyond this the demo would run for days).
+DEMO_MAX_STEPS = 100_000
+
 BACKBONES = ("tiny", "tiny-pretrained")
 #: Image side of the random start (the demo's size before pre-training existed).
 RANDOM_START_IMAGE_SIZE = 56
@@ -131,6 +134,8 @@ class DemoSettings:
                 setattr(settings, key, value)
         if settings.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {settings.seeds}")
+        if not 1 <= settings.steps <= DEMO_MAX_STEPS:
+            raise ValueError(f"steps (--steps) must be within 1..{DEMO_MAX_STEPS}, got {settings.steps}")
         if settings.backbone not in BACKBONES:
             raise ValueError(f"unknown demo backbone {settings.backbone!r}; known: {list(BACKBONES)}")
         if settings.image_size is None:

@@ -17,10 +17,13 @@ Design, and why:
   one frame count is never served to another. Items without a video keep the key they had.
   An adapter whose prompt layout changed after vectors were cached names its layout
   (``prompt_format``), which joins the key of all its items.
-  For images given as a path the stamp is the file's size and modification time
-  (nanoseconds): replacing an image file under the same name invalidates its vector. It
-  costs one ``stat`` per unique item, which is negligible next to decoding the image.
-  (In-memory PIL images are keyed by a hash of their pixels in ``Item.cache_key``.)
+  For images (and videos, frame folders, frame lists) given as paths the stamp is a hash of
+  the files' bytes (:func:`rematch.data.images.content_digest`): an image swapped for
+  another under the same name -- even one of the same size and modification time, which
+  the earlier size + mtime stamp missed -- invalidates its vector. Each file is read once
+  per process while its (path, inode, size, mtime, ctime) stay the same, so a repeated
+  lookup costs one ``stat``. (In-memory PIL images are keyed by a hash of their pixels in
+  ``Item.cache_key``.) Rows cached under the earlier stamps are simply not found again.
 * SQLite gives atomic, crash-safe commits (a crash mid-write loses at most the chunk in
   flight, never corrupts what was committed), indexed lookups by key, and safe
   concurrent writers (each rank of a distributed evaluation writes its own shard).
@@ -127,8 +130,8 @@ class EmbeddingCache:
                 with connection:
                     connection.execute(_SCHEMA)
             except sqlite3.DatabaseError as error:
-                raise RuntimeError(f"embedding cache {self.path} cannot be opened ({error}); "
-                                   "delete the file to start a fresh cache") from error
+                raise EmbeddingCacheError(f"embedding cache {self.path} cannot be opened ({error}); "
+                                          "delete the file to start a fresh cache") from error
             self._connection = connection
         return self._connection
 
@@ -233,7 +236,8 @@ class CachedEncoder:
             found.update(zip(chunk_keys, vectors))
         dims = {vector.size for vector in found.values()}
         if len(dims) != 1:
-            raise RuntimeError(f"embedding cache {self.cache.path} holds vectors of sizes {sorted(dims)}")
+            raise EmbeddingCacheError(f"embedding cache {self.cache.path} holds vectors of sizes {sorted(dims)}; "
+                                      "delete the file to start a fresh cache")
         return np.stack([found[key] for key in keys]).astype(np.float32, copy=False)
 
     def close(self) -> None:

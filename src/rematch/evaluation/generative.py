@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rematch.config import ModelConfig
 from rematch.training.answers import score_examples
+from rematch.training.verification import verification_aucs
 from rematch.world.pretrain_corpus import (
     ANSWERS,
     FOIL_KINDS,
@@ -27,6 +29,7 @@ from rematch.world.pretrain_corpus import (
     QUESTION_TYPES,
     asked_position,
     heldout_examples,
+    heldout_verification_pairs,
 )
 
 #: Chance accuracy of each question type: one over the answers a question allows (a position
@@ -62,6 +65,11 @@ def evaluate_generative(model: GenerativeModel, per_type: int = 200, seed: int =
         return {"accuracy": scores.accuracy(key), "n": len(scores.correct.get(key, []))}
 
     questions_result = {task: {**accuracy(task), "chance": round(CHANCE[task], 4)} for task in QUESTION_TYPES}
+    # the same question asked the way the matching head asks it (rematch.training.verification):
+    # per_type pairs, a true caption (or scene) against its foil, half image -> text, half text -> image
+    matching_aucs = verification_aucs(model.backbone, model.adapter, heldout_verification_pairs(per_type, seed),
+                                      model.image_size, ModelConfig.system_prompt, ModelConfig.matching_instruction,
+                                      batch_size=max(1, batch_size // 4))
     true_acc, foil_acc = accuracy("verify/true"), accuracy("verify/foil")
     return {
         "model": model.source,
@@ -77,6 +85,7 @@ def evaluate_generative(model: GenerativeModel, per_type: int = 200, seed: int =
                          "auc": scores.verification_auc(),
                          "mean_yes_probability": {"true_captions": scores.mean_yes_probability("verify/true"),
                                                   "foils": scores.mean_yes_probability("verify/foil")}},
+        "matching_layout": {"auc": matching_aucs, "pairs": per_type},
         "samples": dict(scores.samples),
     }
 
@@ -100,6 +109,10 @@ def format_table(result: dict[str, Any]) -> str:
         mean_yes = verification["mean_yes_probability"]
         lines.append(f"{'separation (AUC)':<26}{verification['auc']:>10.3f}{'0.500':>9}"
                      f"   mean p(Yes): true {mean_yes['true_captions']:.3f}, foils {mean_yes['foils']:.3f}")
+    matching = result.get("matching_layout")
+    if matching:  # results written before it was measured lack it
+        lines += ["", f"{'matching layout (AUC)':<26}{'true vs foil':>14}{'chance':>9}   {matching['pairs']} pairs"]
+        lines += [f"{'  ' + kind:<26}{auc:>14.3f}{'0.500':>9}" for kind, auc in matching["auc"].items()]
     return "\n".join(lines)
 
 
@@ -107,13 +120,38 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+RESULT_FILE = "generative.json"
+
+
+def check_result_directory(out: str | Path) -> None:
+    """Refuse an ``--out`` that is not new, empty or an earlier ``eval generative`` output, or
+    that holds a ``generative.json`` of the user's, before the evaluation runs."""
+    from rematch.outputs import OutputDirectory
+
+    OutputDirectory.inspect(out, "eval generative", adopt=_earlier_results).check(RESULT_FILE)
+
+
 def write_result(result: dict[str, Any], out: str | Path) -> Path:
     from rematch.atomic import write_json_atomically
+    from rematch.outputs import claim_outputs
 
-    path = Path(out) / "generative.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    outputs = claim_outputs(out, "eval generative", [RESULT_FILE], adopt=_earlier_results)
+    path = Path(out) / RESULT_FILE
     write_json_atomically(path, result)
+    outputs.seal()
     return path
+
+
+def _earlier_results(directory: Path) -> set[str]:
+    """A ``generative.json`` written before output markers: a JSON object with rematch's result keys."""
+    import json
+
+    try:
+        record = json.loads((directory / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    ours = isinstance(record, dict) and {"questions", "verification", "generator_version"} <= set(record)
+    return {RESULT_FILE} if ours else set()
 
 
 def load_generative_model(spec: str, image_size: int | None = None, device: str | None = None) -> GenerativeModel:

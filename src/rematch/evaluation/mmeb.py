@@ -19,6 +19,10 @@ For each subset:
    the queries on which the two differ, ``positive_duplicates`` the lists that repeat the
    answer (the usual cause: ImageNet-style label lists).
 
+With ``rerank`` N the matching head reorders each query's top N (``hit@1`` etc. are then the
+reranked ones), and ``rerank_auc`` says how well its p(Yes) separates the positive from the
+reranked negatives, pooled over the subset's queries (:class:`RerankSeparation`).
+
 Input limits (image pixels, text tokens) are evaluation settings: ``limits`` applies them
 for the run (:mod:`rematch.evaluation.settings`) and every result records them.
 
@@ -53,7 +57,8 @@ from rematch.evaluation.settings import (
     InputLimits, current_limits, input_limits, limits_preset, model_config_of, with_target_prompt_style)
 from rematch.instructions import document_items
 from rematch.atomic import write_json_atomically
-from rematch.retrieval.rerank import check_rerank, reranked_scores
+from rematch.retrieval.rerank import check_rerank, rerank_query
+from rematch.training.answers import separation_auc
 
 #: Score-matrix chunks are kept under this many floats (queries x unique candidates).
 _SCORE_BLOCK = 1 << 23
@@ -209,13 +214,19 @@ def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalEx
     with _errors_named_by_row(data, "document"):
         candidate_vectors = encode_across_ranks(encoder, documents, "document")
     scores = score_lists(data, query_vectors, candidate_vectors)
+    rerank_auc = None
     if rerank:
+        separation = RerankSeparation()
         for row, indices in enumerate(data.candidate_lists):
             query = data.queries[data.query_index[row]]
             candidates = [documents[i] for i in indices]
-            scores[row, :len(indices)] = reranked_scores(
+            reranked = rerank_query(
                 encoder.model, query, candidates, scores[row, :len(indices)], rerank,
-                query_embedding=query_vectors[data.query_index[row]], candidate_embeddings=candidate_vectors[indices])
+                query_embedding=query_vectors[data.query_index[row]], candidate_embeddings=candidate_vectors[indices],
+                also_score=(0,))  # the positive, to compare with the reranked negatives wherever it ranked
+            scores[row, :len(indices)] = reranked.scores
+            separation.add(reranked.probabilities, indices)
+        rerank_auc = separation.auc()
     answer = np.zeros((len(data), 1), dtype=np.int64)  # MMEB: candidate 0 is the correct one
     ranks = ranks_of_relevant(scores, answer, ties=_OFFICIAL_TIES)
     strict_ranks = ranks_of_relevant(scores, answer, ties=_STRICT_TIES)
@@ -238,8 +249,37 @@ def evaluate_subset(encoder: CachedEncoder, name: str, examples: Iterable[EvalEx
         "ties_at_top": ties_at_top,
         "tie_rule": TIE_RULE,
         "rerank": rerank,
+        **({"rerank_auc": rerank_auc} if rerank else {}),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+@dataclass
+class RerankSeparation:
+    """How well the matching head's p(Yes) separates each query's positive (candidate 0) from
+    the negatives it reranked, pooled over a subset's queries: ``rerank_auc``.
+
+    Why beside hit@1: a reranked hit@1 mixes the head with the first stage (the head only
+    reorders the top N); the AUC is the head alone, 0.5 for a head at chance (p(Yes) the same
+    for every candidate, as an untrained head or one stuck at ln 2 gives), 1.0 for one that
+    puts every positive above every reranked negative. The negatives are the top N's
+    candidates other than the positive (a duplicate of the positive in the list is the
+    positive); a positive outside the top N is scored too, so every query counts.
+    """
+
+    positives: list[float] = field(default_factory=list)
+    negatives: list[float] = field(default_factory=list)
+
+    def add(self, probabilities: Mapping[int, float], candidate_ids: Sequence[int]) -> None:
+        """One query: p(Yes) by position in its list, and each position's candidate id (position 0 the positive)."""
+        self.positives.append(probabilities[0])
+        self.negatives += [p for position, p in probabilities.items() if candidate_ids[position] != candidate_ids[0]]
+
+    def auc(self) -> float | None:
+        """The pooled ROC AUC (ties count half), or None without a positive or a negative."""
+        if not self.positives or not self.negatives:
+            return None
+        return round(separation_auc(self.positives, self.negatives), 6)
 
 
 #: Files of an output directory that are not per-subset results.
@@ -256,9 +296,12 @@ def subset_file_name(name: str) -> str:
     return safe + ".json"
 
 
-def check_output_directory(out: Path, fingerprint: str, overwrite: bool = False) -> None:
+def check_output_directory(out: Path, fingerprint: str, overwrite: bool = False,
+                           owns: Callable[[str], bool] | None = None) -> None:
     """Refuse an ``--out`` that holds per-subset results of ANOTHER model: they would sit beside
-    the new summary as if they belonged to it. ``overwrite`` removes them instead."""
+    the new summary as if they belonged to it. ``overwrite`` removes them instead -- only those
+    that ``owns`` (the output directory's record, :class:`~rematch.outputs.OutputDirectory`)
+    says rematch wrote: a file of the user's is never deleted."""
     if not out.is_dir():
         return
     stale = []
@@ -270,6 +313,11 @@ def check_output_directory(out: Path, fingerprint: str, overwrite: bool = False)
         if isinstance(record, dict) and "subset" in record and record.get("model_fingerprint") not in (None,
                                                                                                       fingerprint):
             stale.append(path)
+    foreign = [path for path in stale if owns is not None and not owns(path.name)]
+    if foreign:
+        raise FileExistsError(f"{out} holds result files of another model that rematch did not record writing "
+                              f"({', '.join(p.name for p in foreign[:3])}); refusing to replace them, --overwrite "
+                              "or not: move them away, or choose a new --out")
     if stale and not overwrite:
         raise FileExistsError(f"{out} holds results of another model ({', '.join(p.name for p in stale[:3])}"
                               f"{', ...' if len(stale) > 3 else ''}); choose a new --out, or pass --overwrite "
@@ -306,13 +354,36 @@ def evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]]
     if not examples_by_subset:
         raise ValueError("no subsets to evaluate")
     with with_target_prompt_style(model, target_prompt_style):
+        outputs = None
         if out_dir is not None and is_main_process():
-            check_output_directory(Path(out_dir), model.fingerprint(), overwrite)
+            names = [subset_file_name(name) for name in examples_by_subset] + list(SUMMARY_FILES[:3 if plot else 2])
+            outputs = claim_result_directory(Path(out_dir), "eval mmeb", model.fingerprint(), names, overwrite)
         with input_limits(model, limits) if limits is not None else contextlib.nullcontext():
-            return _evaluate_mmeb(model, examples_by_subset, out_dir, batch_size=batch_size, cache_dir=cache_dir,
-                                  ks=ks, plot=plot, rerank=rerank, show_progress=show_progress,
-                                  skipped_rows=skipped_rows, log=log,
-                                  preset=limits.preset if limits is not None else None, subset_infos=subset_infos)
+            summary = _evaluate_mmeb(model, examples_by_subset, out_dir, batch_size=batch_size, cache_dir=cache_dir,
+                                     ks=ks, plot=plot, rerank=rerank, show_progress=show_progress,
+                                     skipped_rows=skipped_rows, log=log,
+                                     preset=limits.preset if limits is not None else None, subset_infos=subset_infos)
+        if outputs is not None:
+            outputs.seal()
+        return summary
+
+
+#: The summary files an evaluation writes beside its per-subset results.
+SUMMARY_FILES = ("summary.json", "summary.md", "summary.png")
+
+
+def claim_result_directory(out: Path, command: str, fingerprint: str, names: Sequence[str], overwrite: bool):
+    """Claim ``out`` for ``command``'s results (:class:`~rematch.outputs.OutputDirectory`: new,
+    empty, or its own output; results of another model there only with ``overwrite``), before
+    any encoding; the claim is sealed once the files are written."""
+    from rematch.outputs import OutputDirectory, json_records_with
+
+    adopt = json_records_with("model_fingerprint", also=SUMMARY_FILES[1:])
+    OutputDirectory.inspect(out, command, adopt=adopt).check(*names)  # refusals first, nothing written yet
+    outputs = OutputDirectory.claim(out, command, adopt=adopt)
+    check_output_directory(out, fingerprint, overwrite, owns=outputs.owns)
+    outputs.will_write(*names)
+    return outputs
 
 
 def _evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]], out_dir, *, batch_size: int,
@@ -320,7 +391,7 @@ def _evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]
                    skipped_rows: Mapping[str, object] | None, log: Callable[[str], None] | None,
                    preset: str | None = None, subset_infos: Mapping[str, SubsetInfo] | None = None) -> dict:
     """:func:`evaluate_mmeb` with the input limits already in place."""
-    from rematch.evaluation.report import summarize, write_summary
+    from rematch.evaluation.report import settings_line, summarize, write_summary
 
     ks = tuple(sorted(set(ks) | {1}))  # hit@1 is MMEB's score
     main = is_main_process()
@@ -334,6 +405,7 @@ def _evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]
     results: dict[str, dict] = {}
     config = model_config_of(model)
     style = getattr(config, "target_prompt_style", None) if config.document_instructions else None
+    say(settings_line(limits_record, rerank, style))
     try:
         for name, examples in examples_by_subset.items():
             result = evaluate_subset(encoder, name, examples, ks=ks, rerank=rerank,
@@ -346,8 +418,10 @@ def _evaluate_mmeb(model, examples_by_subset: Mapping[str, Iterable[EvalExample]
             results[name] = result
             if out is not None and main:
                 write_json_atomically(out / subset_file_name(name), result)
+            separation = (f"  rerank AUC {result['rerank_auc']:.3f}" if result.get("rerank_auc") is not None
+                          else "")
             say(f"{name:<22} hit@1 {100 * result['hit@1']:6.2f}  strict {100 * result['hit@1_strict']:6.2f}  "
-                f"mrr {result['mrr']:.4f}  ({result['count']} queries, {result['unique_queries']} + "
+                f"mrr {result['mrr']:.4f}{separation}  ({result['count']} queries, {result['unique_queries']} + "
                 f"{result['unique_candidates']} unique items, {result['seconds']:.1f}s)")
     finally:
         encoder.close()

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -158,14 +159,25 @@ def render_markdown(summary: Mapping) -> str:
             row = summary["groups"][group]
             cells = [_fmt(m, row[m]) for m in metrics]
             lines.append(f"| {group} | {len(row['subsets'])} | " + " | ".join(cells) + " |")
+    reranked = any(result.get("rerank") for result in summary["subsets"].values())
+    extra = ["rerank AUC"] if reranked else []
     lines += ["", "## Per subset", "",
-              "| subset | meta-task | split | queries | " + " | ".join(metrics) + " |",
-              "|---|---|---|---:|" + "---:|" * len(metrics)]
+              "| subset | meta-task | split | queries | " + " | ".join([*metrics, *extra]) + " |",
+              "|---|---|---|---:|" + "---:|" * (len(metrics) + len(extra))]
     for name in _plot_order(summary["subsets"]):
         result = summary["subsets"][name]
         cells = [_fmt(m, result[m]) for m in metrics]
+        if reranked:
+            auc = result.get("rerank_auc")
+            cells.append("—" if auc is None else f"{auc:.3f}")
         lines.append(f"| {name} | {result['meta_task']} | {result['split']} | {result['count']} | "
                      + " | ".join(cells) + " |")
+    if reranked:
+        top = sorted({result["rerank"] for result in summary["subsets"].values() if result.get("rerank")})
+        lines += ["", f"Reranked: each query's top {', '.join(map(str, top))} reordered by the matching head's "
+                  "p(Yes); the scores above are after reranking. rerank AUC: how often the head gives a query's "
+                  "positive a higher p(Yes) than a negative it reranked (pooled over the subset's queries, ties "
+                  "half): 0.5 is a head at chance, 1.0 a perfect separation."]
     duplicates = {n: r.get("positive_duplicates", 0) for n, r in summary["subsets"].items()}
     if any(duplicates.values()):
         lines += ["", "Queries whose candidate list repeats the correct item (exact ties): "
@@ -245,11 +257,11 @@ def load_summary(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no summary.json (is {run_dir} an `rematch eval mmeb` output directory?)")
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(summary, dict) or not isinstance(summary.get("subsets", {}), dict) \
-            or not isinstance(summary.get("groups", {}), dict):
-        raise ValueError(f"{path}: not an `rematch eval mmeb` summary (expected a JSON object with 'subsets' and "
-                         "'groups' objects)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    _check_summary_shape(summary, path)
     if "tie_rule" not in summary:  # every summary written since the rule change has the key
         summary["tie_rule"] = LEGACY_TIE_RULE
         for table in (summary.get("subsets", {}), summary.get("groups", {})):
@@ -257,6 +269,46 @@ def load_summary(run_dir: str | os.PathLike) -> dict:
                 if "hit@1" in row and "hit@1" + STRICT_SUFFIX not in row:
                     row["hit@1" + STRICT_SUFFIX] = row.pop("hit@1")
     return summary
+
+
+def _check_summary_shape(summary: Any, path: Path) -> None:
+    """What comparing and the card read from a summary: 'subsets' and 'groups' objects of
+    per-row objects whose metrics are numbers (an MMEB-V2 summary, or any other JSON, failed with
+    a KeyError deep in the comparison)."""
+    expected = "expected a JSON object with 'subsets' and 'groups' objects of per-subset results"
+    if not isinstance(summary, dict) or not isinstance(summary.get("subsets"), dict) \
+            or not isinstance(summary.get("groups"), dict):
+        kind = " (an `rematch eval mmeb-v2` summary?)" if isinstance(summary, dict) and "modalities" in summary else ""
+        raise ValueError(f"{path}: not an `rematch eval mmeb` summary{kind}; {expected}")
+    primary = summary.get("primary_metric", "hit@1")
+    if not isinstance(primary, str):
+        raise ValueError(f"{path}: field 'primary_metric' must be a string, got {primary!r}")
+    for table in ("groups", "subsets"):
+        for name, row in summary[table].items():
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: {table} entry {name!r} is not an object; {expected}")
+            for key, value in row.items():
+                metric = key.startswith(("hit@", "recall@", "ndcg@")) or key in ("mrr", "score")
+                if metric and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                     or not math.isfinite(value)):
+                    raise ValueError(f"{path}: {table} entry {name!r}: {key} must be a number, got {value!r}")
+            if table == "groups" and not isinstance(row.get("subsets", []), list):
+                raise ValueError(f"{path}: groups entry {name!r}: 'subsets' must be a list")
+
+
+def settings_line(limits: Mapping | None, rerank: int, target_prompt_style: str | None) -> str:
+    """One console line of what an evaluation runs with: its numbers depend on each of these
+    (the demo's models score 50% vs 0% on grounding depending on the input limits alone)."""
+    parts = []
+    if limits:
+        cut = limits["max_text_tokens"]
+        official = "official MMEB-V1" if limits["matches_official"] else "NOT the official MMEB-V1 values"
+        parts.append(f"input limits {limits['preset']}: images {limits['min_pixels']}-{limits['max_pixels']} px, "
+                     f"{f'text cut at {cut} tokens' if cut else 'no text truncation'} ({official})")
+    parts.append(f"reranked: top {rerank} by the matching head's p(Yes)" if rerank else "not reranked")
+    if target_prompt_style:
+        parts.append(f"target prompts: {target_prompt_style}")
+    return "evaluating with " + "; ".join(parts)
 
 
 def read_eval_table(eval_dir: str | os.PathLike, fingerprint: str | None = None) -> EvalTable:

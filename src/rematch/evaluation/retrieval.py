@@ -95,6 +95,10 @@ def _parse_qrel(suffix: str, line: str, where: str, first_line: bool) -> tuple[s
     return str(fields[0]), str(fields[1]), grade
 
 
+#: What ``evaluate_retrieval`` writes into its output directory.
+RESULT_FILE = "retrieval.json"
+
+
 def evaluate_retrieval(model, query_ids: Sequence[str], queries: Sequence[Item], corpus_ids: Sequence[str],
                        corpus: Sequence[Item], qrels: Qrels, *, ks: Sequence[int] = (1, 5, 10, 100),
                        ndcg_k: int = 10, batch_size: int = 16, cache_dir: str | os.PathLike | None = None,
@@ -120,6 +124,11 @@ def evaluate_retrieval(model, query_ids: Sequence[str], queries: Sequence[Item],
     if len(query_ids) != len(queries) or len(corpus_ids) != len(corpus):
         raise ValueError("query_ids/queries and corpus_ids/corpus must have the same lengths")
 
+    outputs = None
+    if out_dir is not None and main:  # new, empty or an earlier `eval retrieval` output: refused before encoding
+        from rematch.outputs import claim_outputs, json_records_with
+
+        outputs = claim_outputs(out_dir, "eval retrieval", [RESULT_FILE], adopt=json_records_with("model_fingerprint"))
     encoder = CachedEncoder(model, cache_dir, batch_size=batch_size, show_progress=show_progress and main)
     start = time.perf_counter()
     try:
@@ -163,8 +172,9 @@ def evaluate_retrieval(model, query_ids: Sequence[str], queries: Sequence[Item],
         "throughput": stats.as_dict(),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if out_dir is not None and main:
-        write_json_atomically(Path(out_dir) / "retrieval.json", result)
+    if outputs is not None:
+        write_json_atomically(Path(out_dir) / RESULT_FILE, result)
+        outputs.seal()
     if result["queries_without_relevant"]:
         say(f"note: {result['queries_without_relevant']} queries have no relevant document in the qrels "
             "and are not scored")

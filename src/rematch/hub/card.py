@@ -95,17 +95,19 @@ def read_training_config(model_dir: str | os.PathLike | None) -> dict[str, Any] 
 def render_card(model_config: Mapping[str, Any], *, model_type: str, model_id: str | None = None,
                 output_format: str = "rematch", training_config: Mapping[str, Any] | None = None,
                 eval_table: EvalTable | None = None, license: str | None = None,
-                location: str | None = None) -> str:
+                location: str | None = None, trained: bool | None = None) -> str:
     """The README.md text of a model directory (``output_format``: how the directory is loaded).
 
     The usage examples load ``model_id`` (a hub repository), else ``location`` (a local path).
+    ``trained``: whether the ReMatch heads were trained (None: not known); the summary says
+    what the model was fine-tuned from, or that its heads are untrained.
     """
     if output_format not in FORMATS:
         raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
     reference = model_id or location or "path/to/this/model"
     sections = [_front_matter(model_config, model_type, output_format, training_config, license),
                 f"# {model_id.split('/')[-1] if model_id else 'ReMatch embedding model'}", "",
-                _summary(model_config, model_type, output_format), "",
+                _summary(model_config, model_type, output_format, trained), "",
                 _usage(reference, output_format, model_config), ""]
     if eval_table is not None:
         sections += [_eval_table(eval_table), ""]
@@ -127,7 +129,7 @@ def model_card_for(model, *, model_id: str | None = None, output_format: str = "
         eval_table.check_model(model.fingerprint())
     return render_card(dataclasses.asdict(model.config), model_type=model._causal_lm().config.model_type,
                        model_id=model_id, output_format=output_format, training_config=read_training_config(model_dir),
-                       eval_table=eval_table, license=license, location=location)
+                       eval_table=eval_table, license=license, location=location, trained=not model.is_untrained())
 
 
 # ---------------------------------------------------------------------------- sections
@@ -161,15 +163,12 @@ def _datasets(training_config: Mapping[str, Any] | None) -> list[str]:
     return [reference] if reference else []
 
 
-def _summary(config: Mapping[str, Any], model_type: str, output_format: str) -> str:
-    backbone = config.get("backbone")
-    base = f"`{backbone}`" if backbone and not str(backbone).startswith("tiny") else \
-        f"a tiny randomly initialised {model_type} (for tests)"
+def _summary(config: Mapping[str, Any], model_type: str, output_format: str, trained: bool | None = None) -> str:
     k = config.get("num_tokens")
     fusion = f"the mean of the final states of {k} learnable tokens per role" if k else "the last token's final state"
-    lines = [f"A multimodal embedding model (text, images, or both) on {base}: one vector per input, {fusion}, "
-             "L2-normalised, compared by cosine similarity. Queries and documents have their own learnable tokens; "
-             "documents without an instruction get the default document instruction."]
+    lines = [f"A multimodal embedding model (text, images, or both) {_origin(config, model_type, trained)}: one "
+             f"vector per input, {fusion}, L2-normalised, compared by cosine similarity. Queries and documents have "
+             "their own learnable tokens; documents without an instruction get the default document instruction."]
     if output_format == "transformers":
         lines.append("\nThis is a plain Qwen-VL checkpoint: the learnable tokens are added special tokens of its "
                      "vocabulary (`<|emb_q_*|>` for queries, `<|emb_d_*|>` for documents) and LoRA is merged, so "
@@ -182,6 +181,24 @@ def _summary(config: Mapping[str, Any], model_type: str, output_format: str) -> 
     return "\n".join(lines)
 
 
+def _origin(config: Mapping[str, Any], model_type: str, trained: bool | None) -> str:
+    """What the model was fine-tuned from (its backbone), in words: a hub id, the shipped ``tiny-pretrained``,
+    or the random ``tiny`` test backbone; "fine-tuned" only when the heads were trained."""
+    backbone = str(config.get("backbone") or "")
+    family = str(config.get("tiny_family") or model_type)
+    if backbone == "tiny-pretrained":
+        base = f"`tiny-pretrained` (rematch's shipped, generatively pretrained tiny {family}, for tests and the demo)"
+    elif backbone == "tiny" or backbone.startswith("tiny:"):
+        base = f"`tiny` (a tiny {family} with random weights, for tests)"
+    elif backbone:
+        base = f"`{backbone}`"
+    else:
+        base = f"a {model_type} backbone"
+    if trained is None:
+        return f"built on {base}"
+    return f"fine-tuned from {base}" if trained else f"on {base}, with untrained (random) ReMatch heads"
+
+
 def _usage(reference: str, output_format: str, config: Mapping[str, Any]) -> str:
     if output_format == "transformers":
         return "\n".join([
@@ -191,10 +208,12 @@ def _usage(reference: str, output_format: str, config: Mapping[str, Any]) -> str
             "queries = model.embed([\"a red circle\"], role=\"query\")",
             "documents = model.embed([{\"image\": \"photo.jpg\"}, {\"text\": \"a blue star\"}], role=\"document\")",
             "scores = queries @ documents.T", "```", "",
-            "By hand: the instruction goes into the system turn, image and text into the user turn, and the "
-            "assistant turn holds the role's K tokens; run `model.model(...)` with left padding, average "
-            "`last_hidden_state[:, -K:]` and L2-normalise (`rematch_embedding.json` has K, the tokens and the "
-            "default instructions)."])
+            "By hand, with `transformers` alone: the instruction goes into the system turn, image and text into "
+            "the user turn, and the assistant turn holds the role's K tokens; the embedding is the mean of the "
+            "final states at those K tokens, L2-normalised (`rematch_embedding.json` has K, the tokens and the "
+            "default instructions; texts over its `max_text_tokens` are cut first, as `rematch_embedding.py` "
+            "does). One item at a time:", "",
+            "```python", *_BY_HAND.format(reference=reference).splitlines(), "```"])
     if output_format == "sentence-transformers":
         return "\n".join([
             "## Usage (sentence-transformers)", "", "```python",
@@ -214,6 +233,51 @@ def _usage(reference: str, output_format: str, config: Mapping[str, Any]) -> str
         f"rematch index build --model {reference} --corpus corpus.jsonl --out index/",
         "rematch search --index index/ --text \"a red circle\" -k 10",
         f"rematch export {reference} exported/ --format sentence-transformers", "```"])
+
+
+#: The by-hand recipe of a transformers export's card (tests/hub/test_card_recipes.py runs it on an export).
+_BY_HAND = """import json
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+path = "{reference}"
+with open(f"{{path}}/rematch_embedding.json") as file:
+    settings = json.load(file)
+tokenizer = AutoTokenizer.from_pretrained(path)
+image_processor = AutoImageProcessor.from_pretrained(path)
+model = AutoModelForImageTextToText.from_pretrained(path).eval()
+image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+def embed(text="", image=None, instruction=None, role="query"):
+    if instruction is None and role == "document":
+        instruction = settings["document_instruction"]
+    system = instruction or settings["system_prompt"]
+    turn = "" if system in settings["no_system_turn_for"] else f"<|im_start|>system\\n{{system}}<|im_end|>\\n"
+    inputs, vision = {{}}, ""
+    if image is not None:
+        pixels = image_processor(images=[Image.open(image).convert("RGB")], return_tensors="pt")
+        count = int(pixels["image_grid_thw"].prod()) // image_processor.merge_size ** 2
+        vision = "<|vision_start|>" + "<|image_pad|>" * count + "<|vision_end|>"
+        inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+    chat = (f"{{turn}}<|im_start|>user\\n{{vision}}{{text}}<|im_end|>\\n<|im_start|>assistant\\n"
+            + "".join(settings["role_tokens"][role]))
+    tokens = tokenizer(chat, return_tensors="pt")
+    inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                  mm_token_type_ids=(tokens["input_ids"] == image_pad).int())  # marks the image tokens
+    with torch.inference_mode():
+        states = model.model(**inputs).last_hidden_state[0].float()
+    k = settings["num_tokens"]
+    pooled = states[-k:].mean(dim=0) if k and settings["pooling"] == "mean" else states[-1]
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+query = embed("a red circle")
+document = embed(image="photo.jpg", role="document")
+print(float(query @ document))  # cosine similarity
+"""
 
 
 def _eval_table(table: EvalTable) -> str:

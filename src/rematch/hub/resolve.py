@@ -119,8 +119,13 @@ def _split_revision(text: str) -> tuple[str, str | None]:
     return repo_id, (revision if at else None)
 
 
+#: Where ``rematch train --out RUN`` saves the model: a run directory given as a model is pointed there.
+RUN_MODEL_SUBDIR = "model"
+
+
 def _existing_directory(path: Path) -> Path:
     if path.is_dir():
+        _refuse_run_directory(path)
         return path
     if path.exists():
         raise ModelNotFoundError(f"{path} is a file, not a model directory")
@@ -128,6 +133,21 @@ def _existing_directory(path: Path) -> Path:
                      if parent.exists() and str(parent) not in (".", parent.anchor)), None)
     hint = f" ({existing} exists, {path.relative_to(existing)} does not)" if existing is not None else ""
     raise ModelNotFoundError(f"no model directory at {path}{hint}")
+
+
+def _refuse_run_directory(path: Path) -> None:
+    """A training run directory is not a model, but its ``model/`` is: say so in one line.
+
+    Why here: every command's ``--model`` goes through this function, and the loaders'
+    own message ("neither rematch_config.json nor config.json") does not say where to look.
+    """
+    from rematch.saved_model import CONFIG_NAME
+
+    inner = path / RUN_MODEL_SUBDIR
+    if (path / CONFIG_NAME).is_file() or (path / "config.json").is_file() or not (inner / CONFIG_NAME).is_file():
+        return
+    raise ModelNotFoundError(f"{path} is a training run directory, not a model; its model is in {inner}: "
+                             f"use --model {inner}")
 
 
 def _first_line(error: BaseException) -> str:

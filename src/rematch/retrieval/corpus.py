@@ -17,13 +17,15 @@ fails in seconds rather than hours into encoding; errors name the file, line and
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from rematch.data.items import Item, ItemError, as_item
 
@@ -98,6 +100,10 @@ class Corpus:
     metadata: list[dict] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     """``file line N`` of each item, for error messages."""
+    skipped: list[str] = field(default_factory=list)
+    """Entries of a corpus folder that look like inputs (by name) but are not regular files
+    (a FIFO, a socket, a broken link, a symlink loop), each described: counted and reported,
+    never silently left out."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,25 +113,37 @@ class Corpus:
         self.items += other.items
         self.metadata += other.metadata
         self.sources += other.sources
+        self.skipped += other.skipped
+
+
+def _warn(message: str) -> None:
+    print(f"rematch: note: {message}", file=sys.stderr)
 
 
 def read_corpus(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                instruction: str | None = None) -> Corpus:
+                instruction: str | None = None, log: Callable[[str], None] | None = _warn) -> Corpus:
     """A jsonl file, a directory of jsonl files, or a directory of images (see module docstring).
 
-    ``instruction`` is given to every item whose row has none.
+    ``instruction`` is given to every item whose row has none. Entries of a folder that are
+    not regular files (FIFOs, symlink loops...) are counted in ``Corpus.skipped`` and reported
+    through ``log`` (default: a note on stderr).
     """
     path = Path(path)
     if path.is_file():
         corpus = read_jsonl_items(path, image_root, instruction)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        files, skipped = _regular_files(path.rglob("*.jsonl"))
         if files:
-            corpus = Corpus()
+            corpus = Corpus(skipped=skipped)
             for file in files:
                 corpus.extend(read_jsonl_items(file, image_root, instruction))
         else:
             corpus = read_image_directory(path, instruction)
+            corpus.skipped = skipped + corpus.skipped
+        if corpus.skipped and log is not None:
+            shown = "; ".join(corpus.skipped[:3]) + ("; ..." if len(corpus.skipped) > 3 else "")
+            log(f"{path}: skipped {len(corpus.skipped)} entr{'y' if len(corpus.skipped) == 1 else 'ies'} that "
+                f"{'is' if len(corpus.skipped) == 1 else 'are'} not a regular file: {shown}")
     elif path.exists() or path.is_symlink():  # a FIFO, a device, a broken link: check_regular_file says which
         corpus = read_jsonl_items(path, image_root, instruction)
     else:
@@ -188,14 +206,35 @@ def _check_finite(value, where: str, name: str = "") -> None:
 def read_image_directory(path: str | os.PathLike, instruction: str | None = None) -> Corpus:
     """Every image file under ``path`` (recursively, sorted) as an image-only item."""
     path = Path(path)
-    corpus = Corpus()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    files, skipped = _regular_files(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    corpus = Corpus(skipped=skipped)
+    for file in files:
         relative = file.relative_to(path).as_posix()
         corpus.ids.append(relative)
         corpus.items.append(Item(image=os.path.abspath(file), instruction=instruction))
         corpus.metadata.append({})
         corpus.sources.append(str(file))
     return corpus
+
+
+def _regular_files(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
+    """The regular files among ``paths`` (sorted), and a description of each other entry that
+    is not a directory: what a folder scan must report rather than drop."""
+    files, skipped = [], []
+    for candidate in sorted(paths):
+        try:
+            mode = os.stat(candidate).st_mode
+        except OSError as error:  # a broken link, a symlink loop
+            kind = "a symlink loop" if error.errno == errno.ELOOP else "a broken link" \
+                if candidate.is_symlink() else f"unreadable ({error.strerror or error})"
+            skipped.append(f"{candidate} ({kind})")
+            continue
+        if stat.S_ISREG(mode):
+            files.append(candidate)
+        elif not stat.S_ISDIR(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            skipped.append(f"{candidate} ({kind})")
+    return files, skipped
 
 
 def _check_unique(corpus: Corpus) -> None:

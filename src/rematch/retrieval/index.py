@@ -38,7 +38,7 @@ import numpy as np
 from rematch.data.items import Item, ItemLike, as_items
 from rematch.distributed import barrier, is_main_process
 from rematch.encoding.shards import encode_in_shards
-from rematch.retrieval.rerank import check_rerank, rerank
+from rematch.retrieval.rerank import check_rerank, matching_probabilities
 
 FORMAT_VERSION = 1
 INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, SHARDS_DIR = "index.faiss", "items.jsonl", "manifest.json", "shards"
@@ -62,15 +62,23 @@ class ModelMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class SearchHit:
-    """One search result: the item's id, its cosine score, its 1-based rank and its stored fields."""
+    """One search result: the item's id, its cosine score, its 1-based rank and its stored fields.
+
+    ``rerank_score`` is the matching head's p(Yes) for the hits a search reranked (None for
+    the others): the number the new order comes from, shown beside the cosine it replaced.
+    """
 
     id: str
     score: float
     rank: int
     metadata: dict
+    rerank_score: float | None = None
 
     def as_dict(self) -> dict:
-        return {"rank": self.rank, "id": self.id, "score": self.score, **self.metadata}
+        answer = {"rank": self.rank, "id": self.id, "score": self.score}
+        if self.rerank_score is not None:
+            answer["rerank_score"] = self.rerank_score
+        return {**answer, **self.metadata}
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,68 @@ class Index:
 
         write_directory_atomically(path, write, is_ours=lambda _: True, what="an index")  # checked above
 
+    # ---------------------------------------------------------------- changes
+
+    def add(self, items: Sequence[ItemLike], ids: Sequence[str] | None = None,
+            metadata: Sequence[Mapping] | None = None, *, batch_size: int = 16,
+            show_progress: bool = False) -> "Index":
+        """Encode ``items`` as documents with this index's model and append them (in memory; :meth:`save`
+        writes it). Ids must be new; the FAISS structure is rebuilt as a fresh build of every item
+        would build it, so results equal that build's. For large additions on disk, resumable, use
+        :func:`rematch.retrieval.index_update.add_to_index`."""
+        if self.model is None:
+            raise ValueError("this index has no model to encode the new items: pass model= to Index.load")
+        items = as_items(items, "new item")
+        if not items:
+            raise ValueError("no items to add")
+        ids = [str(len(self) + i) for i in range(len(items))] if ids is None else ids
+        _, records = make_records(items, ids, metadata)
+        vectors = self.model.encode(items, role="document", batch_size=batch_size, show_progress=show_progress)
+        return self.add_vectors(vectors, records)
+
+    def add_vectors(self, vectors: np.ndarray, records: list[dict]) -> "Index":
+        """Append already encoded document ``vectors`` (of this index's model) with their ``records``."""
+        clash = sorted(set(self.ids) & {record["id"] for record in records})
+        if clash:
+            raise ValueError(f"the index already holds id(s) {clash[:5]}; delete them first to replace them")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(records), self.dimension) or not np.isfinite(vectors).all():
+            raise ValueError(f"expected {len(records)} finite vectors of size {self.dimension}, got {vectors.shape}")
+        return self._rebuild(np.concatenate([self.vectors(), vectors]), self.records + list(records))
+
+    def delete(self, ids: Iterable[str]) -> "Index":
+        """Remove the items with these ids (each must be in the index); the FAISS structure is rebuilt
+        as a fresh build of the remaining items would build it."""
+        doomed = list(dict.fromkeys(str(item_id) for item_id in ids))
+        missing = sorted(set(doomed) - set(self.ids))
+        if missing:
+            raise ValueError(f"no item with id(s) {missing[:5]} in this index; nothing was deleted")
+        if len(doomed) == len(self):
+            raise ValueError("deleting every item would leave an empty index; build a new one instead")
+        gone = set(doomed)
+        keep = [position for position, item_id in enumerate(self.ids) if item_id not in gone]
+        return self._rebuild(self.vectors()[keep], [self.records[position] for position in keep])
+
+    def vectors(self) -> np.ndarray:
+        """Every stored vector, in index order (read back from FAISS: flat, IVF and HNSW all keep them exactly)."""
+        import faiss
+
+        if isinstance(self.faiss_index, faiss.IndexIVF):
+            self.faiss_index.make_direct_map()
+        return self.faiss_index.reconstruct_n(0, self.faiss_index.ntotal)
+
+    def _rebuild(self, vectors: np.ndarray, records: list[dict]) -> "Index":
+        spec = spec_of(self.manifest)
+        self.faiss_index = assemble_faiss(lambda: iter([vectors]), len(records), self.dimension, spec)
+        self.records = records
+        self.ids = [record["id"] for record in records]
+        self._positions = None
+        manifest = new_manifest(self.fingerprint, self.dimension, spec, len(records), self.manifest.get("model_source"))
+        manifest["created"] = self.manifest.get("created", manifest["created"])
+        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.manifest = manifest
+        return self
+
     # ---------------------------------------------------------------- properties
 
     def __len__(self) -> int:
@@ -294,9 +364,12 @@ class Index:
         if self._positions is None:
             self._positions = {item_id: position for position, item_id in enumerate(self.ids)}
         head = hits[:top_n]
-        order = rerank(self.model, query, [self.item(self._positions[hit.id]) for hit in head], len(head))
-        reordered = [head[i] for i in order] + hits[top_n:]
-        return [SearchHit(hit.id, hit.score, rank, hit.metadata) for rank, hit in enumerate(reordered, start=1)]
+        probabilities = matching_probabilities(self.model, query, [self.item(self._positions[hit.id]) for hit in head])
+        order = np.argsort(-probabilities, kind="stable")  # as rematch.retrieval.rerank.rerank() orders them
+        reordered = [SearchHit(head[i].id, head[i].score, 0, head[i].metadata, float(probabilities[i]))
+                     for i in order] + hits[top_n:]
+        return [SearchHit(hit.id, hit.score, rank, hit.metadata, hit.rerank_score)
+                for rank, hit in enumerate(reordered, start=1)]
 
 
 def faiss_index_type(faiss_index) -> str:
@@ -391,10 +464,23 @@ def assemble_faiss(chunks: Callable[[], Iterator[np.ndarray]], count: int, dimen
     return index
 
 
+def spec_of(manifest: Mapping) -> IndexSpec:
+    """The :class:`IndexSpec` an index was built with (to rebuild it the same way after a change).
+
+    An IVF index built with the default list count recomputes it for the new count, as a
+    fresh build would; one built with ``--nlist`` keeps it.
+    """
+    params = manifest["index_params"]
+    nlist = None if params.get("nlist_auto", False) else params.get("nlist")
+    return IndexSpec(index_type=manifest["index_type"], nlist=nlist, hnsw_m=params.get("hnsw_m", 32),
+                     nprobe=params.get("nprobe", 16), ef_search=params.get("ef_search", 128))
+
+
 def new_manifest(fingerprint: str, dimension: int, spec: IndexSpec, count: int, model_source: str | None) -> dict:
     params = {"nprobe": spec.nprobe, "ef_search": spec.ef_search}
     if spec.index_type == "ivf":
         params["nlist"] = spec.lists_for(count)
+        params["nlist_auto"] = spec.nlist is None
     if spec.index_type == "hnsw":
         params["hnsw_m"] = spec.hnsw_m
     return {"format_version": FORMAT_VERSION, "model_fingerprint": fingerprint, "model_source": model_source,

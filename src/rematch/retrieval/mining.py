@@ -63,6 +63,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from rematch.outputs import claim_outputs
 from rematch.atomic import write_atomically, write_json_atomically, write_npz_atomically
 from rematch.data.items import IMAGE_PLACEHOLDER, Item
 from rematch.data.mmeb import RowParser, SubsetSource, find_subsets
@@ -525,6 +526,8 @@ def mine_negatives(model, source: str | os.PathLike, out: str | os.PathLike,
         raise MiningError(f"the output (--out) {out} must not be the source data (--data) {source} or inside it: "
                           "it would overwrite the input")
     found = find_subsets(source, split, subsets, image_root)
+    outputs = claim_outputs(out, "mine", [sub.name for sub in found] + [STATE_DIR, REPORT_FILE],
+                            adopt=_earlier_mining)  # new, empty or an earlier mining output, before any work
     declared = read_manifest_subsets(source) if Path(source).is_dir() else {}
     fingerprint = model.fingerprint() if model is not None else None
     keys = ContentKeys()
@@ -545,7 +548,20 @@ def mine_negatives(model, source: str | os.PathLike, out: str | os.PathLike,
         "model_fingerprint": fingerprint, "preset": preset, "settings": _settings_dict(settings),
         "image_paths": "absolute",
         "subsets": {r.subset: asdict(r) for r in _finished_reports(out, split)}})
+    outputs.seal()
     return MiningResult(out, reports, resumed, report_path)
+
+
+def _earlier_mining(out: Path) -> set[str]:
+    """An output root mined before output markers: its report, the state folder and the subsets
+    the report lists (anything else in it is left alone, as the user's)."""
+    try:
+        report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not (isinstance(report, dict) and "format_version" in report and isinstance(report.get("subsets"), dict)):
+        return set()
+    return {REPORT_FILE, STATE_DIR} | {str(name) for name in report["subsets"]}
 
 
 def _mine_subset(model, fingerprint: str | None, sub: SubsetSource, out: Path, split: str,

@@ -5,10 +5,15 @@ relevant to this query? Yes/No" directly. A candidate's score is p(Yes), average
 the four views the branch was trained on: (raw query, raw document), (raw query, Z_d),
 (Z_q, raw document), (Z_q, Z_d), computed in one packed row per candidate (so the four
 views cost one sequence), ``batch_size`` rows per forward.
+
+:func:`rerank_query` keeps those p(Yes) beside the reranked scores (and scores candidates
+outside the top N on request), so an evaluation can measure the head itself: how well p(Yes)
+separates a known positive from the negatives it reranked (``eval mmeb``'s ``rerank_auc``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -77,7 +82,56 @@ def rerank(model, query: ItemLike, candidates: Sequence[ItemLike], top_n: int | 
     """
     count = len(candidates) if top_n is None else min(top_n, len(candidates))
     scores = matching_probabilities(model, query, list(candidates)[:count], **kwargs)
-    return [int(i) for i in np.argsort(-scores, kind="stable")]
+    return _order(scores)
+
+
+def _order(probabilities: np.ndarray) -> list[int]:
+    """Best p(Yes) first; ties keep the given (first-stage) order."""
+    return [int(i) for i in np.argsort(-probabilities, kind="stable")]
+
+
+@dataclass
+class Reranked:
+    """One query's candidates after reranking, and the matching head's p(Yes) behind it."""
+
+    scores: np.ndarray
+    """The first-stage scores with the top N lifted above all others, in reranked order."""
+    top: list[int]
+    """The reranked candidates (indices into the list), in first-stage order."""
+    probabilities: dict[int, float]
+    """p(Yes) of every candidate the head scored: the top N, and those asked for with ``also_score``."""
+
+
+def rerank_query(model, query: ItemLike, candidates: Sequence[ItemLike], scores: np.ndarray, top_n: int,
+                 query_embedding: np.ndarray | None = None, candidate_embeddings: np.ndarray | None = None,
+                 also_score: Sequence[int] = ()) -> Reranked:
+    """Rerank one query's ``top_n`` first-stage candidates by the matching head (see :func:`reranked_scores`).
+
+    ``also_score`` names candidates whose p(Yes) is wanted even outside the top N (an
+    evaluation's known positive, to compare with the reranked negatives): they are scored in
+    a forward of their own, so the top N's scores and order are those of a plain rerank,
+    and their first-stage scores are kept.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    top = [int(i) for i in np.argsort(-scores, kind="stable")[:top_n]]
+    embeddings = None if candidate_embeddings is None else np.asarray(candidate_embeddings)
+    probabilities = matching_probabilities(model, query, [candidates[i] for i in top],
+                                           query_embedding=query_embedding,
+                                           document_embeddings=None if embeddings is None else embeddings[top])
+    order = _order(probabilities)
+    result = scores.copy()
+    finite = scores[np.isfinite(scores)]
+    ceiling = float(finite.max()) if finite.size else 0.0
+    for position, index in enumerate(order):
+        result[top[index]] = ceiling + 1.0 + (len(order) - position)
+    scored = {index: float(p) for index, p in zip(top, probabilities)}
+    extra = [int(i) for i in dict.fromkeys(also_score) if int(i) not in scored]
+    if extra:
+        extra_probabilities = matching_probabilities(
+            model, query, [candidates[i] for i in extra], query_embedding=query_embedding,
+            document_embeddings=None if embeddings is None else embeddings[extra])
+        scored.update({index: float(p) for index, p in zip(extra, extra_probabilities)})
+    return Reranked(result, top, scored)
 
 
 def reranked_scores(model, query: ItemLike, candidates: Sequence[ItemLike], scores: np.ndarray, top_n: int,
@@ -88,14 +142,5 @@ def reranked_scores(model, query: ItemLike, candidates: Sequence[ItemLike], scor
     The reranked candidates get scores above every other candidate, in reranked order, so
     ranking metrics apply unchanged. Candidates outside the top N keep their scores.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    top = np.argsort(-scores, kind="stable")[:top_n]
-    top_embeddings = None if candidate_embeddings is None else np.asarray(candidate_embeddings)[top]
-    order = rerank(model, query, [candidates[i] for i in top], len(top), query_embedding=query_embedding,
-                   document_embeddings=top_embeddings)
-    result = scores.copy()
-    finite = scores[np.isfinite(scores)]
-    ceiling = float(finite.max()) if finite.size else 0.0
-    for position, index in enumerate(order):
-        result[top[index]] = ceiling + 1.0 + (len(order) - position)
-    return result
+    return rerank_query(model, query, candidates, scores, top_n, query_embedding=query_embedding,
+                        candidate_embeddings=candidate_embeddings).scores

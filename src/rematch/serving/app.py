@@ -1,22 +1,21 @@
 """The HTTP API of ``rematch serve``: embeddings, rerank, search, the search page, health and metrics.
 
 Each route is thin: check the request (:mod:`.inputs`), hand model work to the one worker
-thread (:mod:`.batcher`), shape the answer like the API clients already speak (OpenAI
-embeddings, Cohere/Jina rerank). Request parsing and image decoding run in the thread
-pool, so the event loop only moves bytes.
+thread (:mod:`.batcher`, through :class:`.service.Service`), shape the answer like the API
+clients already speak: OpenAI embeddings (and vLLM's chat-style ``messages``), Cohere/Jina
+rerank here; TEI's ``/embed`` and ``/rerank`` in :mod:`.tei`; vLLM's ``/score`` in
+:mod:`.score`. Request parsing and image decoding run in the thread pool, so the event
+loop only moves bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import logging
-import threading
 import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
@@ -24,16 +23,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from rematch.data.items import ItemError
-from rematch.retrieval.rerank import matching_probabilities
-from rematch.serving.batcher import BatcherClosed, DynamicBatcher, ServerBusy
+from rematch.serving.batcher import DynamicBatcher
 from rematch.serving.errors import ApiError, BadValue, SchemaError, install_error_handlers
-from rematch.serving.inputs import ImagePolicy, parse_item, parse_items
+from rematch.serving.inputs import parse_item, parse_items
+from rematch.serving.messages import parse_messages
 from rematch.serving.metrics import ServingMetrics
-from rematch.serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from rematch.serving.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware, public_paths
 from rematch.serving.schemas import EmbeddingRequest, RerankRequest, SearchRequest
+from rematch.serving.score import add_score_routes
+from rematch.serving.service import Service
 from rematch.serving.settings import ServeSettings
-from rematch.serving.thumbnails import ThumbnailError, Thumbnails
+from rematch.serving.tei import add_tei_routes
+from rematch.serving.thumbnails import ThumbnailError
 from rematch.serving.usage import count_tokens
 
 log = logging.getLogger("rematch.serving")
@@ -55,7 +56,7 @@ def create_app(model, index=None, settings: ServeSettings | None = None) -> Fast
     metrics = ServingMetrics()
     batcher = DynamicBatcher(model, settings.max_batch, settings.max_wait_ms, settings.max_queued_items,
                              token_counter=functools.partial(count_tokens, model), metrics=metrics)
-    service = _Service(model, index, settings, batcher)
+    service = Service(model, index, settings, batcher)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -70,64 +71,18 @@ def create_app(model, index=None, settings: ServeSettings | None = None) -> Fast
     app.state.batcher, app.state.metrics, app.state.settings = batcher, metrics, settings
     install_error_handlers(app)
     _add_routes(app, service, metrics)
+    add_tei_routes(app, service)
+    add_score_routes(app, service)
     # Added last = outermost: metrics see every answer, the key is checked before any body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key,
+                           public=public_paths(protect_metrics=settings.protect_metrics))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
 
-class _Service:
-    """What the routes do, apart from HTTP."""
-
-    def __init__(self, model, index, settings: ServeSettings, batcher: DynamicBatcher):
-        self.model, self.index, self.settings, self.batcher = model, index, settings, batcher
-        self.policy = ImagePolicy(files_root=settings.files_root, max_pixels=settings.max_image_pixels,
-                                  max_file_bytes=settings.max_file_bytes, model_min_pixels=model.config.min_pixels,
-                                  model_max_pixels=model.config.max_pixels,
-                                  model_image_factor=model.adapter.image_factor)
-        self.thumbnails = Thumbnails(index) if index is not None else None
-        self.positions = {item_id: position for position, item_id in enumerate(index.ids)} if index else {}
-        self.search_lock = threading.Lock()  # FAISS search parameters are set per call
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.settings.served_model_name:
-            raise ApiError(404, f"model {name!r} is not served here; this server serves "
-                                f"{self.settings.served_model_name!r}", param="model", code="model_not_found")
-
-    async def run(self, future, param: str) -> Any:
-        """Await model work; what it raises about the input becomes a 400 naming ``param``."""
-        try:
-            return await asyncio.wrap_future(future)
-        except ItemError as error:
-            raise BadValue(param, str(error)) from None
-
-    def submit(self, submit, *args):
-        try:
-            return submit(*args)
-        except ServerBusy as error:
-            raise ApiError(503, str(error), code="server_busy") from None
-        except BatcherClosed as error:
-            raise ApiError(503, str(error), code="shutting_down") from None
-
-    def search_vectors(self, vectors: np.ndarray, k: int):
-        with self.search_lock:
-            return self.index.search_vectors(vectors, k)
-
-    def hit(self, hit, rerank_score: float | None) -> dict:
-        position = self.positions[hit.id]
-        fields = hit.metadata
-        extra = {key: value for key, value in fields.items()
-                 if key not in ("text", "image", "instruction", "image_in_memory")}
-        answer = {"rank": hit.rank, "id": hit.id, "score": hit.score, "text": fields.get("text"),
-                  "thumbnail_url": self.thumbnails.url(position), "metadata": extra}
-        if rerank_score is not None:
-            answer["rerank_score"] = rerank_score
-        return answer
-
-
-def _add_routes(app: FastAPI, service: _Service, metrics: ServingMetrics) -> None:
+def _add_routes(app: FastAPI, service: Service, metrics: ServingMetrics) -> None:
     model, settings = service.model, service.settings
     page = resources.files("rematch.serving").joinpath("static")
     static = {name: page.joinpath(name).read_bytes() for name in STATIC_FILES}
@@ -166,8 +121,17 @@ def _add_routes(app: FastAPI, service: _Service, metrics: ServingMetrics) -> Non
         if request.dimensions is not None and request.dimensions != model.hidden_size:
             raise BadValue("dimensions", f"this model's embeddings have {model.hidden_size} dimensions; "
                                          f"{request.dimensions} is not supported")
-        items = await run_in_threadpool(parse_items, request.input, "input", service.policy, settings.max_inputs)
-        result = await service.run(service.submit(service.batcher.embed, items, request.input_type), "input")
+        if request.input is None and request.messages is None:
+            raise SchemaError("input", "Field required (or vLLM's chat-style messages instead)")
+        if request.input is not None and request.messages is not None:
+            raise SchemaError("messages", "give either input (OpenAI) or messages (vLLM's chat-style input), not both")
+        if request.messages is not None:
+            param = "messages"
+            items = [await run_in_threadpool(parse_messages, request.messages, param, service.policy)]
+        else:
+            param = "input"
+            items = await run_in_threadpool(parse_items, request.input, param, service.policy, settings.max_inputs)
+        result = await service.embed(items, request.input_type, param)
         data = [{"object": "embedding", "index": position, "embedding": _encode_vector(vector, request.encoding_format)}
                 for position, vector in enumerate(result.vectors)]
         return JSONResponse({"object": "list", "data": data, "model": settings.served_model_name,
@@ -181,11 +145,7 @@ def _add_routes(app: FastAPI, service: _Service, metrics: ServingMetrics) -> Non
         query = await run_in_threadpool(parse_item, request.query, "query", service.policy)
         documents = await run_in_threadpool(parse_items, request.documents, "documents", service.policy,
                                             settings.max_documents)
-
-        def score():
-            return matching_probabilities(model, query, documents), count_tokens(model, [query, *documents])
-
-        scores, tokens = await service.run(service.submit(service.batcher.call, score), "documents")
+        scores, tokens = await service.match(query, documents, "documents")
         order = np.argsort(-scores, kind="stable")  # the order rematch.retrieval.rerank.rerank() gives
         results = []
         for position in order[:request.top_n] if request.top_n else order:
@@ -207,14 +167,13 @@ def _add_routes(app: FastAPI, service: _Service, metrics: ServingMetrics) -> Non
         if top_n > settings.max_k:
             raise BadValue("rerank", f"must be at most {settings.max_k}")
         query = await run_in_threadpool(parse_item, request.query, "query", service.policy)
-        embedded = await service.run(service.submit(service.batcher.embed, [query], "query"), "query")
+        embedded = await service.embed([query], "query", "query")
         (hits,) = await run_in_threadpool(service.search_vectors, embedded.vectors, max(request.k, top_n))
         rerank_scores: dict[str, float] = {}
         if top_n:
             head = hits[:top_n]
             documents = [service.index.item(service.positions[hit.id]) for hit in head]
-            probabilities = await service.run(service.submit(
-                service.batcher.call, lambda: matching_probabilities(model, query, documents)), "query")
+            probabilities, _ = await service.match(query, documents, "query")
             order = np.argsort(-probabilities, kind="stable")  # as Index.search(rerank=N) orders them
             rerank_scores = {head[i].id: float(probabilities[i]) for i in order}
             hits = [head[i] for i in order] + hits[top_n:]

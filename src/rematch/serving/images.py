@@ -88,10 +88,16 @@ def read_allowed_file(value: str, param: str, root: Path | None, max_bytes: int)
         raise BadValue(param, f"image file not found: {value}") from None
     except OSError as error:
         raise BadValue(param, f"cannot open image file {value}: {error.strerror}") from None
+    try:  # checked on the descriptor, before wrapping it: Python's open() of a directory raises, a 500
+        info = os.fstat(descriptor)
+    except OSError as error:
+        os.close(descriptor)
+        raise BadValue(param, f"cannot read image file {value}: {error.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        what = "a directory, not an image file" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise BadValue(param, f"{value} is {what}")
     with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise BadValue(param, f"{value} is not a regular file")
         if info.st_size > max_bytes:
             raise BadValue(param, f"image file {value} is {info.st_size:,} bytes, over this server's limit of "
                                   f"{max_bytes:,}")

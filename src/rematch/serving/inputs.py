@@ -42,10 +42,10 @@ def parse_item(value: Any, param: str, policy: ImagePolicy) -> Item:
         raw = value
     else:
         raise SchemaError(param, f"expected a string or an object with {', '.join(ITEM_FIELDS)}, "
-                                 f"got {_json_type(value)}")
+                                 f"got {json_type(value)}")
     for name in ITEM_FIELDS:
         if raw.get(name) is not None and not isinstance(raw[name], str):
-            raise SchemaError(f"{param}.{name}", f"expected a string, got {_json_type(raw[name])}")
+            raise SchemaError(f"{param}.{name}", f"expected a string, got {json_type(raw[name])}")
     text, image, instruction = (raw.get(name) for name in ITEM_FIELDS)
     if image is not None and not image.strip():
         image = None
@@ -71,7 +71,7 @@ def parse_items(value: Any, param: str, policy: ImagePolicy, limit: int) -> list
     if isinstance(value, str):
         return [parse_item(value, param, policy)]
     if not isinstance(value, list):
-        raise SchemaError(param, f"expected a string or a list of strings/items, got {_json_type(value)}")
+        raise SchemaError(param, f"expected a string or a list of strings/items, got {json_type(value)}")
     if not value:
         raise BadValue(param, "is an empty list")
     if len(value) > limit:
@@ -81,7 +81,7 @@ def parse_items(value: Any, param: str, policy: ImagePolicy, limit: int) -> list
     return [parse_item(entry, f"{param}[{index}]", policy) for index, entry in enumerate(value)]
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     """The JSON name of a decoded value's type (what the client wrote)."""
     if value is None:
         return "null"

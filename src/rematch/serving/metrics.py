@@ -12,7 +12,8 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 #: Route labels: the app's routes as templates, anything else as "other" (bounded label values).
-KNOWN_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/embeddings", "/v1/rerank", "/v1/search")
+KNOWN_ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/embeddings", "/v1/rerank", "/v1/search", "/embed",
+                "/rerank", "/score", "/v1/score")
 THUMBNAIL_ROUTE = "/v1/thumbnails/{position}"
 
 

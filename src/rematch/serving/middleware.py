@@ -14,9 +14,15 @@ import time
 
 from rematch.serving.errors import error_body
 
-#: Reachable without the API key: the page (it holds no data; it asks for the key) and liveness.
-PUBLIC_PATHS = ("/", "/health", "/favicon.ico")
+#: Reachable without the API key: the page (it holds no data; it asks for the key), liveness and
+#: the Prometheus metrics (counts, no data: a scraper has no token; ``--protect-metrics`` closes it).
+PUBLIC_PATHS = ("/", "/health", "/favicon.ico", "/metrics")
 PUBLIC_PREFIXES = ("/static/",)
+
+
+def public_paths(protect_metrics: bool = False) -> tuple[str, ...]:
+    """The paths open without the key: :data:`PUBLIC_PATHS`, less ``/metrics`` when it is protected."""
+    return tuple(path for path in PUBLIC_PATHS if not (protect_metrics and path == "/metrics"))
 
 
 async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -57,9 +63,10 @@ class MetricsMiddleware:
 class ApiKeyMiddleware:
     """401 for requests without ``Authorization: Bearer <key>`` (constant-time comparison)."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str, public: tuple[str, ...] = PUBLIC_PATHS):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.public = public
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self._public(scope["path"]):
@@ -72,9 +79,8 @@ class ApiKeyMiddleware:
                                    [(b"www-authenticate", b"Bearer")])
         return await self.app(scope, receive, send)
 
-    @staticmethod
-    def _public(path: str) -> bool:
-        return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+    def _public(self, path: str) -> bool:
+        return path in self.public or path.startswith(PUBLIC_PREFIXES)
 
 
 class BodyLimitMiddleware:

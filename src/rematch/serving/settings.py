@@ -20,7 +20,11 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    """With a key, every route except ``/``, ``/static/*`` and ``/health`` needs ``Authorization: Bearer KEY``."""
+    """With a key, every route except ``/``, ``/static/*``, ``/health`` and ``/metrics`` needs
+    ``Authorization: Bearer KEY``."""
+    protect_metrics: bool = False
+    """With an API key, ``/metrics`` needs it too. Off by default: a Prometheus scraper has no token
+    (vLLM and TEI leave ``/metrics`` open as well), and the metrics hold counts, not data."""
     allow_files: str | os.PathLike | None = None
     """Root under which requests may name local image files; None refuses every path."""
     max_batch: int = 32
@@ -43,7 +47,17 @@ class ServeSettings:
     shutdown_timeout_s: float = 30.0
     """How long a shutdown waits for in-flight requests to finish."""
     served_model_name: str = "rematch"
-    """The ``model`` name /v1/models lists and requests may give."""
+    """The ``model`` name /v1/models lists and answers carry (see :mod:`rematch.serving.names`)."""
+    model_aliases: tuple[str, ...] = ("rematch",)
+    """Other ``model`` names requests may give (vLLM's extra ``--served-model-name`` values)."""
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name a request's ``model`` may carry, the served name first."""
+        return tuple(dict.fromkeys((self.served_model_name, *self.model_aliases)))
+
+    def serves(self, name: str) -> bool:
+        return name in self.model_names
 
     def validate(self) -> None:
         """Refuse nonsense before the model loads (each message names the flag)."""
@@ -60,6 +74,9 @@ class ServeSettings:
             raise ValueError(f"--max-wait-ms must be between 0 and 10000, got {self.max_wait_ms}")
         if self.shutdown_timeout_s < 0:
             raise ValueError(f"shutdown timeout must be >= 0, got {self.shutdown_timeout_s}")
+        for name in self.model_names:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"--served-model-name must be non-empty names, got {name!r}")
         if self.allow_files is not None and not Path(self.allow_files).is_dir():
             raise ValueError(f"--allow-files {self.allow_files}: not a directory")
 

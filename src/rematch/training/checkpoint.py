@@ -11,10 +11,12 @@ or whose files do not match it, are reported and skipped, never loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -65,6 +67,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed as it is: a file changed since it was saved, a state
+    that disagrees with its directory, a data position that is not one."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (a full disk, a quota): one line, not torch's stream-writer traceback."""
+
+
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds something other than tensors and plain values (never unpickled)."""
 
@@ -99,13 +110,38 @@ def save_checkpoint(root: Path, step: int, module: torch.nn.Module, optimizer, s
         torch.save(rng_states, directory / "rng.pt")
         (directory / "state.json").write_text(json.dumps(
             {"step": step, "data_state": data_state, "extra": extra or {}}, indent=2), encoding="utf-8")
-        files = {path.name: path.stat().st_size for path in sorted(directory.iterdir())}
-        (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=2), encoding="utf-8")
+        paths = sorted(directory.iterdir())
+        files = {path.name: path.stat().st_size for path in paths}
+        checksums = {path.name: _checksum(path) for path in paths}  # resume refuses bytes changed since
+        (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files, "checksums": checksums},
+                                                     indent=2), encoding="utf-8")
 
     # step-N under checkpoints/ is ours by construction (a re-save of the same step replaces it)
-    write_directory_atomically(target, write, is_ours=lambda _: True, what="a checkpoint")
+    try:
+        write_directory_atomically(target, write, is_ours=lambda _: True, what="a checkpoint")
+    except OSError as error:
+        raise CheckpointWriteError(f"cannot write checkpoint {target}: {error.strerror or error}; free some space "
+                                   "(or choose another --out), then continue with --resume") from error
+    except Exception as error:  # noqa: BLE001 - torch.save and safetensors report a failed write their own way
+        if not _WRITE_FAILURE.search(str(error)):
+            raise
+        raise CheckpointWriteError(f"cannot write checkpoint {target}: {str(error).splitlines()[0]}; is the disk "
+                                   "full? Free some space, then continue with --resume") from error
     prune_checkpoints(root, keep_last)
     return target
+
+
+#: How torch.save (RuntimeError: "file write failed", "unexpected pos") and safetensors
+#: (SafetensorError: "I/O error: ... (os error 28)") say a write to the disk failed.
+_WRITE_FAILURE = re.compile(r"write failed|failed writing|unexpected pos|I/O error|os error \d+|No space left", re.I)
+
+
+def _checksum(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_distributed_checkpoint(accelerator, root: Path, step: int, module: torch.nn.Module, optimizer, scheduler,
@@ -185,12 +221,14 @@ def load_checkpoint(directory: Path, module: torch.nn.Module, optimizer, schedul
     """Restore weights, optimizer, scheduler and this process's RNG; return the step and data position."""
     problem = checkpoint_problem(directory)
     if problem is not None:
-        raise RuntimeError(f"checkpoint {directory} is not complete: {problem}")
+        raise CheckpointError(f"checkpoint {directory} is not complete: {problem}")
+    state = read_state(directory)
+    verify_checksums(directory)
     weights = load_file(str(directory / TRAINABLE))
     expected = {name for name, p in module.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing, unexpected = sorted(expected - set(weights))[:5], sorted(set(weights) - expected)[:5]
-        raise RuntimeError(f"checkpoint {directory} does not fit this model: missing {missing}, "
+        raise CheckpointError(f"checkpoint {directory} does not fit this model: missing {missing}, "
                            f"unexpected {unexpected} (was it written with another config?)")
     parameters = dict(module.named_parameters())
     with torch.no_grad():
@@ -200,5 +238,50 @@ def load_checkpoint(directory: Path, module: torch.nn.Module, optimizer, schedul
     scheduler.load_state_dict(load_plain(directory / "scheduler.pt"))
     rng_states = load_plain(directory / "rng.pt")
     set_rng_state(rng_states[min(rank, len(rng_states) - 1)])
-    state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
     return ResumeState(step=state["step"], data_state=state["data_state"], extra=state.get("extra", {}))
+
+
+def step_of(directory: Path) -> int:
+    """The step a checkpoint directory's name says (``step-00000100`` -> 100)."""
+    return int(directory.name[len(PREFIX):])
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """``state.json``, checked: a JSON object whose step agrees with the directory's name and its
+    manifest, with a data position and run record that are objects."""
+    where = directory / "state.json"
+    try:
+        state = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{where}: unreadable ({error}); delete checkpoint {directory.name} to resume from "
+                              "an earlier one") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(state).__name__}")
+    step = state.get("step")
+    manifest_step = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step != step_of(directory) or step != manifest_step:
+        raise CheckpointError(f"{where}: step {step!r} disagrees with its directory {directory.name} (and "
+                              f"{MANIFEST} says {manifest_step!r}); the checkpoint was moved or edited, delete it "
+                              "to resume from an earlier one")
+    for key in ("data_state", "extra"):
+        if not isinstance(state.get(key, {}), dict):
+            raise CheckpointError(f"{where}: field {key!r} must be an object, got {state.get(key)!r}")
+    if "data_state" not in state:
+        raise CheckpointError(f"{where}: field 'data_state' is missing")
+    return state
+
+
+def verify_checksums(directory: Path) -> None:
+    """Every file against the checksum its manifest records (checkpoints from before checksums
+    were recorded have sizes only): a weight file with flipped bytes of the same size was
+    resumed from silently."""
+    recorded = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("checksums")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{directory / MANIFEST}: field 'checksums' must be an object")
+    for name, checksum in sorted(recorded.items()):
+        if _checksum(directory / name) != checksum:
+            raise CheckpointError(f"{directory / name} changed after the checkpoint was saved (its checksum differs "
+                                  f"from the one {MANIFEST} records); delete checkpoint {directory.name} to resume "
+                                  "from an earlier one")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from rematch.config import ConfigError
-from rematch.world.pretrain_corpus import CorpusError, CorpusSpec
+from rematch.world.pretrain_corpus import FOIL_KINDS, CorpusError, CorpusSpec
 
 
 @dataclass
@@ -45,7 +45,16 @@ class CurriculumPhase:
     """``answers``: next-token answers to the phase's tasks. ``attributes``: the vision tower
     alone learns every object's colour, shape and size from its merged tokens
     (:mod:`rematch.training.tower_warmup`); its scenes follow the phase's scene settings and
-    it takes no ``task_weights``."""
+    it takes no ``task_weights``. ``matching``: a true caption against a foil of it, asked in the
+    matching branch's packed layout (:mod:`rematch.training.verification`); no ``task_weights``,
+    its foils are ``foil_kinds``."""
+    foil_kinds: list[str] | None = None
+    """The foils of a ``matching`` phase (None: every kind the scenes allow; single objects
+    allow only colour, shape and size replacements)."""
+    matching_share: float = 1.0
+    """The fraction of a ``matching`` phase's examples that are verification pairs; the rest are
+    questions of its ``task_weights``, trained in the same steps (the loss is the sum of both
+    means). Measured: 250 steps of pairs alone took every held-out question type to 0%."""
     freeze_tower: bool = False
     """Keep the vision tower (with its merger) as it is during this phase (its learning rate is 0):
     after an ``attributes`` phase, so answer training uses the tower's features without
@@ -53,7 +62,7 @@ class CurriculumPhase:
     accuracy within 500 steps)."""
 
 
-OBJECTIVES = ("answers", "attributes")
+OBJECTIVES = ("answers", "attributes", "matching")
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,8 @@ class ResolvedPhase:
     lr_end: float | None
     objective: str = "answers"
     freeze_tower: bool = False
+    foil_kinds: tuple[str, ...] | None = None
+    matching_share: float = 1.0
 
 
 class Curriculum:
@@ -103,6 +114,20 @@ class Curriculum:
                 raise ConfigError(f"{where}.steps must be >= 1, got {phase.steps}")
             if phase.objective not in OBJECTIVES:
                 raise ConfigError(f"{where}.objective must be one of {', '.join(OBJECTIVES)}, got {phase.objective!r}")
+            if phase.objective == "matching":
+                if not 0 < phase.matching_share <= 1:
+                    raise ConfigError(f"{where}.matching_share must be within (0, 1], got {phase.matching_share}")
+                if (phase.matching_share < 1) != bool(phase.task_weights):
+                    raise ConfigError(f"{where}: a matching phase asks questions exactly when matching_share < 1; "
+                                      f"give both task_weights and matching_share < 1, or neither (got task_weights "
+                                      f"{dict(phase.task_weights)}, matching_share {phase.matching_share})")
+            elif phase.matching_share != 1.0:
+                raise ConfigError(f"{where}.matching_share: only a matching phase mixes in verification pairs")
+            if phase.foil_kinds is not None:
+                unknown = sorted(set(phase.foil_kinds) - set(FOIL_KINDS))
+                if phase.objective != "matching" or unknown or not phase.foil_kinds:
+                    raise ConfigError(f"{where}.foil_kinds: only a matching phase takes foil kinds, a non-empty list "
+                                      f"of {', '.join(FOIL_KINDS)} (got {list(phase.foil_kinds)})")
             if phase.objective == "attributes":
                 if phase.task_weights:
                     raise ConfigError(f"{where}: an attributes phase reads objects off the scene and asks no "
@@ -110,7 +135,8 @@ class Curriculum:
                 if phase.freeze_tower:
                     raise ConfigError(f"{where}: an attributes phase trains only the vision tower, so "
                                       "freeze_tower would leave it nothing to train")
-            task_weights = dict(phase.task_weights) if phase.objective == "answers" else dict(base.task_weights)
+            task_weights = (dict(phase.task_weights) if phase.objective == "answers" or phase.task_weights
+                            else dict(base.task_weights))
             spec = replace(base, task_weights=task_weights,
                            object_weights=tuple(phase.object_weights if phase.object_weights is not None
                                                 else base.object_weights))
@@ -126,7 +152,9 @@ class Curriculum:
                     raise ConfigError(f"{where}.{name} must be a finite number >= 0, got {value}")
             resolved.append(ResolvedPhase(start, start + phase.steps, spec, phase.single_object, phase.large_only,
                                           phase.object_scale, phase_lr, phase.lr_end, phase.objective,
-                                          phase.freeze_tower))
+                                          phase.freeze_tower,
+                                          tuple(phase.foil_kinds) if phase.foil_kinds is not None else None,
+                                          phase.matching_share))
             start += phase.steps
         if start != total_steps:
             raise ConfigError(f"data.phases add up to {start} steps but train.steps is {total_steps}: make them "

@@ -89,23 +89,36 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+#: A panel of the loss plot: one step-log column (its name is the title), or a title and the
+#: columns drawn together in it (the matching loss of each kind of view pair).
+Panel = str | tuple[str, Sequence[str]]
+
+
 def plot_losses(rows: list[dict[str, Any]], path: Path, title: str = "training losses",
-                terms: Sequence[str] = LOSS_TERMS) -> Path:
-    """One panel per loss term of ``terms`` that the rows have: raw values faint, moving average solid."""
+                terms: Sequence[Panel] = LOSS_TERMS) -> Path:
+    """One panel per entry of ``terms`` that the rows have: raw values faint, moving average
+    solid; a panel of several columns draws each in its own colour, with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = [term for term in terms if any(term in row for row in rows)]
-    figure, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
+    panels = [(panel, (panel,)) if isinstance(panel, str) else (panel[0], tuple(panel[1])) for panel in terms]
+    panels = [(name, columns) for name, columns in panels if any(c in row for row in rows for c in columns)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     window = max(1, len(rows) // 20)
-    for axis, term in zip(axes[0], terms):
-        points = [(row["step"], row[term]) for row in rows if term in row and math.isfinite(row[term])]
-        steps, values = [p[0] for p in points], [p[1] for p in points]
-        axis.plot(steps, values, alpha=0.3, linewidth=0.8)
-        axis.plot(steps, smooth(values, window), linewidth=1.8)
-        axis.set_title(term)
+    for axis, (name, columns) in zip(axes[0], panels):
+        for column in columns:
+            points = [(row["step"], row[column]) for row in rows if column in row and math.isfinite(row[column])]
+            if not points:
+                continue
+            steps, values = [p[0] for p in points], [p[1] for p in points]
+            label = column.rpartition("/")[2] if len(columns) > 1 else None
+            raw = axis.plot(steps, values, alpha=0.3, linewidth=0.8)[0]
+            axis.plot(steps, smooth(values, window), linewidth=1.8, color=raw.get_color(), label=label)
+        if len(columns) > 1:
+            axis.legend(fontsize=7)
+        axis.set_title(name)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     figure.suptitle(title)

@@ -23,6 +23,8 @@ from rematch.model import ReMatchModel
 from rematch.training.batches import open_source
 from rematch.training.collate import TrainCollator
 from rematch.training.gradcache import GradCache
+from rematch.training.logs import LOSS_TERMS
+from rematch.training.matching_diagnostics import VIEW_PANELS, split_view_metrics
 from rematch.training.objective import Objective, RunContext, StepOutput
 from rematch.training.runner import run_loop
 from rematch.training.step import ReMatchTrainingModule, freeze_parameters_without_loss
@@ -103,8 +105,10 @@ def embedding_objective(config: Config, context: RunContext) -> Objective:
                 terms = grad_cache.step(batch, index)
         else:
             terms = wrapped(batch, index)
-        losses = {name: float(value.detach()) for name, value in terms.items() if name != OBJECTIVE}
-        return StepOutput(losses, backward=None if grad_cache is not None else objective(terms))
+        loss_terms, view_metrics = split_view_metrics(terms)  # per-view matching: logged, not optimised
+        losses = {name: float(value.detach()) for name, value in loss_terms.items() if name != OBJECTIVE}
+        return StepOutput(losses, backward=None if grad_cache is not None else objective(terms),
+                          metrics=view_metrics)
 
     def summary() -> dict[str, Any]:
         skipped = int(report.total) if report is not None and hasattr(report, "total") else 0
@@ -120,4 +124,5 @@ def embedding_objective(config: Config, context: RunContext) -> Objective:
         collate=TrainCollator(model, skip_bad=config.data.skip_bad, report=report,
                               with_negatives=config.loss.hard_negatives, matching=bool(config.loss.matching)),
         step=step, save_model=lambda directory, rows, seconds: model.save_pretrained(directory),
-        workers=config.data.num_workers, summary=summary)
+        workers=config.data.num_workers, summary=summary,
+        plot_terms=(*LOSS_TERMS, *(VIEW_PANELS if config.loss.matching else ())))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from rematch.training.logs import LOSS_TERMS
+from rematch.training.logs import LOSS_TERMS, Panel
 
 
 @dataclass
@@ -111,5 +111,5 @@ class Objective:
     open_evaluation: Callable[[int], Evaluation] | None = None
     """``open_evaluation(start_step)``: an :class:`Evaluation` to run during the run, or None."""
     plot_title: str = "training losses"
-    plot_terms: Sequence[str] = LOSS_TERMS
-    """The step-log columns the loss plot draws, one panel each."""
+    plot_terms: Sequence[Panel] = LOSS_TERMS
+    """The loss plot's panels: a step-log column each, or a title with the columns it draws together."""

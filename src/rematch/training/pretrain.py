@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,14 +41,17 @@ from rematch.training.runner import run_loop
 from rematch.training.curriculum import OBJECTIVES, Curriculum, CurriculumPhase
 from rematch.training.answers import AnswerBatch, AnswerCollator, answer_loss
 from rematch.training.tower_warmup import AttributeBatch, AttributeCollator, AttributeHeads, attribute_loss
+from rematch.training.verification import VerificationBatch, VerificationCollator, verification_aucs, verification_loss
 from rematch.world.pretrain_corpus import (
     ATTRIBUTES_TASK,
     GENERATOR_VERSION,
     TASKS,
     CorpusError,
+    MATCHING_TASK,
     CorpusSpec,
     make_example,
     scene_example,
+    verification_pair,
 )
 
 #: What a pre-training run's model directory holds besides the Hugging Face files.
@@ -70,6 +74,11 @@ class PretrainModelConfig:
     about 5% of one merged visual token and colour stays at chance (issue 12)."""
     system_prompt: str = ModelConfig.system_prompt
     attn_implementation: str = "sdpa"
+    init_from: str | None = None
+    """Start from these weights instead of random ones: ``tiny-pretrained`` (the shipped backbone,
+    checksums verified) or a pre-training run's ``model`` directory. How a later stage (e.g.
+    verification phases) continues a finished recipe without repeating it; the family, size and
+    image size must be the ones that backbone was trained with."""
 
 
 @dataclass
@@ -195,9 +204,12 @@ class CorpusStream:
             index = self.next_index
             self.next_index += 1
             phase = self.curriculum.phase_at(index // self.global_batch)
-            draw = scene_example if phase.objective == "attributes" else make_example
-            yield draw(phase.spec, index, large_only=phase.large_only, single_object=phase.single_object,
-                       object_scale=phase.object_scale)
+            scenes = {"large_only": phase.large_only, "single_object": phase.single_object,
+                      "object_scale": phase.object_scale}
+            if phase.objective == "matching" and is_verification_pair(phase.matching_share, phase.spec, index):
+                yield verification_pair(phase.spec, index, foil_kinds=phase.foil_kinds, **scenes)
+            else:
+                yield (scene_example if phase.objective == "attributes" else make_example)(phase.spec, index, **scenes)
 
     def state_dict(self) -> dict[str, Any]:
         return {"next_index": self.next_index, "generator_version": GENERATOR_VERSION}
@@ -225,9 +237,18 @@ class PretrainObjective(nn.Module):
         self.adapter = adapter
         self.heads = heads
 
-    def forward(self, batch: AnswerBatch | AttributeBatch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: AnswerBatch | AttributeBatch | VerificationBatch | MixedBatch) -> dict[str, torch.Tensor]:
         batch = batch.to(self.backbone.device)
-        if isinstance(batch, AttributeBatch):
+        if isinstance(batch, MixedBatch):  # the sum of both means, each averaged over every process's own count
+            matching = verification_loss(self.backbone, self.adapter, batch.matching)
+            answers = answer_loss(self.backbone, self.adapter, batch.answers)
+            loss = (self.global_mean(matching["loss"], matching["count"])
+                    + self.global_mean(answers["loss"], answers["count"]))
+            return {"loss": loss, "matching_loss": matching["loss"].detach(), "answers_loss": answers["loss"].detach(),
+                    "matching_accuracy": matching["matching_accuracy"]}
+        if isinstance(batch, VerificationBatch):
+            terms = verification_loss(self.backbone, self.adapter, batch)
+        elif isinstance(batch, AttributeBatch):
             if self.heads is None:
                 raise ValueError("an attribute batch needs the attribute heads of an attributes phase")
             terms = attribute_loss(self.backbone, self.adapter, self.heads, batch)
@@ -248,18 +269,44 @@ class PretrainObjective(nn.Module):
         return local_mean * (world * local_count / total)
 
 
+@dataclass
+class MixedBatch:
+    """A matching phase's step that also asks questions: its verification pairs and its answers."""
+
+    matching: VerificationBatch
+    answers: AnswerBatch
+
+    def to(self, device) -> "MixedBatch":
+        return MixedBatch(self.matching.to(device), self.answers.to(device))
+
+
+def is_verification_pair(share: float, spec: CorpusSpec, index: int) -> bool:
+    """Whether example ``index`` of a matching phase is a verification pair (else a question):
+    an RNG of its own, so the pairs and questions themselves do not depend on the share."""
+    return share >= 1 or random.Random(f"rematch/pretrain/matching-share/{spec.split}/{spec.seed}/{index}"
+                                       ).random() < share
+
+
 class PhaseCollator:
     """Each step's examples into the batch its phase trains on: all examples of a step share a phase."""
 
-    def __init__(self, adapter, image_size: int):
+    def __init__(self, adapter, image_size: int, system_prompt: str, matching_instruction: str):
         self.answers = AnswerCollator(adapter, image_size)
         self.attributes = AttributeCollator(adapter, image_size)
+        self.matching = VerificationCollator(adapter, image_size, system_prompt, matching_instruction)
 
-    def __call__(self, examples) -> AnswerBatch | AttributeBatch:
-        kinds = {example.task == ATTRIBUTES_TASK for example in examples}
-        if len(kinds) != 1:
-            raise ValueError("a batch mixes attribute scenes and questions: one step belongs to one phase")
-        return self.attributes(examples) if kinds.pop() else self.answers(examples)
+    def __call__(self, examples) -> AnswerBatch | AttributeBatch | VerificationBatch:
+        tasks = {example.task for example in examples}
+        if tasks == {ATTRIBUTES_TASK}:
+            return self.attributes(examples)
+        if tasks == {MATCHING_TASK}:
+            return self.matching(examples)
+        if MATCHING_TASK in tasks and ATTRIBUTES_TASK not in tasks:  # a matching phase with questions mixed in
+            return MixedBatch(self.matching([e for e in examples if e.task == MATCHING_TASK]),
+                              self.answers([e for e in examples if e.task != MATCHING_TASK]))
+        if not tasks <= set(TASKS):
+            raise ValueError(f"a batch mixes {sorted(tasks)}: one step belongs to one phase")
+        return self.answers(examples)
 
 
 def optimiser_groups(module: PretrainObjective, train: "PretrainTrainConfig") -> list[dict[str, Any]]:
@@ -274,11 +321,30 @@ def optimiser_groups(module: PretrainObjective, train: "PretrainTrainConfig") ->
 
 
 def build_backbone(config: PretrainConfig):
-    """The randomly initialised backbone and its adapter, exactly as ``config.model`` says."""
-    from rematch.backbones import adapter_for, build_tiny_backbone
+    """The backbone and its adapter, exactly as ``config.model`` says: randomly initialised, or
+    the weights ``model.init_from`` names."""
+    from rematch.backbones import adapter_for, build_tiny_backbone, load_pretrained_backbone
+    from rematch.backbones.pretrained_tiny import PRETRAINED_TINY, asset_dir, read_record, verify_checksums
 
     model_config = config.model_config()
-    backbone, processor = build_tiny_backbone(config.model.tiny_family, config.model.tiny_size, config.model.seed)
+    if config.model.init_from is not None:
+        source = Path(config.model.init_from)
+        if config.model.init_from == PRETRAINED_TINY:
+            source = asset_dir()
+            verify_checksums(source)
+        if not (source / RECORD_FILE).is_file():
+            raise ConfigError(f"model.init_from: {source} is not a pre-trained backbone ({RECORD_FILE} is missing); "
+                              f"give {PRETRAINED_TINY} or a pre-training run's model directory")
+        recorded = read_record(source)
+        trained = recorded.get("recipe", {}).get("model", {})
+        for key in ("tiny_family", "tiny_size", "image_size"):
+            if key in trained and trained[key] != getattr(config.model, key):
+                raise ConfigError(f"model.init_from: {source} was trained with model.{key} = {trained[key]!r}, "
+                                  f"this recipe says {getattr(config.model, key)!r}")
+        backbone, processor = load_pretrained_backbone(source, model_config)
+    else:
+        backbone, processor = build_tiny_backbone(config.model.tiny_family, config.model.tiny_size,
+                                                  config.model.seed)
     backbone.set_attn_implementation(config.model.attn_implementation)
     return backbone, adapter_for(backbone.config.model_type)(processor, model_config)
 
@@ -323,16 +389,20 @@ def pretraining_objective(config: PretrainConfig, context: RunContext) -> Object
 
     def step(wrapped: nn.Module, batch: AnswerBatch | AttributeBatch, index: int) -> StepOutput:
         terms = wrapped(batch)
-        kind = "attributes" if isinstance(batch, AttributeBatch) else "answers"
+        kind = ("attributes" if isinstance(batch, AttributeBatch) else
+                "matching" if isinstance(batch, (VerificationBatch, MixedBatch)) else "answers")
         # the mean over all processes (DDP's gradient is its gradient): every rank logs and
         # checks the same number, so all of them stop together on a non-finite loss
         value = context.mean_over_processes(terms["loss"])
         accuracies = {name: round(context.mean_over_processes(term), 4) for name, term in terms.items()
                       if name.endswith("_accuracy")}  # collectives too: every rank, every step
-        # the two objectives' losses are different quantities (three cross-entropies summed per
-        # object vs one per answer token): each also gets its own column and plot panel
-        return StepOutput({"loss": value, f"{kind}_loss": value}, backward=terms["loss"],
-                          metrics={"objective": kind, **accuracies})
+        # the objectives' losses are different quantities (three cross-entropies summed per object
+        # vs one per answer token vs one per Yes/No answer): each gets its own column and plot panel;
+        # a matching step that also asks questions logs both parts
+        parts = ({"matching_loss": context.mean_over_processes(terms["matching_loss"]),
+                  "answers_loss": context.mean_over_processes(terms["answers_loss"])}
+                 if isinstance(batch, MixedBatch) else {f"{kind}_loss": value})
+        return StepOutput({"loss": value, **parts}, backward=terms["loss"], metrics={"objective": kind, **accuracies})
 
     def save_model(directory: Path, rows: list[dict[str, Any]], seconds: float) -> None:
         save_pretrained_backbone(backbone, adapter.processor, directory, config, rows, seconds)
@@ -340,7 +410,9 @@ def pretraining_objective(config: PretrainConfig, context: RunContext) -> Object
     return Objective(
         module=module, parameter_groups=optimiser_groups(module, train),
         source=CorpusStream(curriculum, train.batch_size * context.processes),
-        collate=PhaseCollator(adapter, config.model.image_size), step=step, save_model=save_model,
+        collate=PhaseCollator(adapter, config.model.image_size, config.model.system_prompt,
+                              ModelConfig.matching_instruction),
+        step=step, save_model=save_model,
         workers=config.data.num_workers,
         lr_lambdas=[curriculum.tower_lr_scale(train.lr), curriculum.lr_scale(train.lr)]
         if curriculum.schedules_lr else None,
@@ -361,12 +433,14 @@ class HeldoutLog:
     """
 
     def __init__(self, out: Path, resume_step: int, backbone: nn.Module, adapter, config: PretrainConfig):
-        from rematch.world.pretrain_corpus import asked_position, heldout_examples
+        from rematch.world.pretrain_corpus import asked_position, heldout_examples, heldout_verification_pairs
 
         self.backbone, self.adapter, self.image_size = backbone, adapter, config.model.image_size
         self.every = config.train.eval_every
         self.examples = heldout_examples(config.train.eval_examples, image_position=asked_position(
             config.data.image_position))
+        self.pairs = heldout_verification_pairs(2 * config.train.eval_examples)  # both orientations
+        self.system_prompt = config.model.system_prompt
         self.log = StepLog(out, resume_step=resume_step, tensorboard=False, name="heldout")
 
     def measure(self, step: int) -> str:
@@ -376,15 +450,29 @@ class HeldoutLog:
         scores = score_examples(self.backbone, self.adapter, self.examples, self.image_size)
         row = {"step": step, **{task: scores.accuracy(task) for task in QUESTION_TYPES},
                "true_captions": scores.accuracy("verify/true"), "foils": scores.accuracy("verify/foil"),
-               "verification_auc": scores.verification_auc()}
+               "verification_auc": scores.verification_auc(),
+               **{f"matching_auc/{kind}": auc for kind, auc in verification_aucs(
+                   self.backbone, self.adapter, self.pairs, self.image_size, self.system_prompt,
+                   ModelConfig.matching_instruction).items()}}
         self.log.append(row)
         accuracies = ", ".join(f"{key} {100 * value:.0f}%" for key, value in row.items()
-                               if key not in ("step", "verification_auc") and value is not None)
+                               if key != "step" and "auc" not in key and value is not None)
         auc = row["verification_auc"]
-        return f"step {step} held-out accuracy: {accuracies}" + ("" if auc is None else f"; verification AUC {auc:.2f}")
+        matching = ", ".join(f"{key.split('/')[1]} {value:.2f}" for key, value in row.items()
+                             if key.startswith("matching_auc/"))
+        return (f"step {step} held-out accuracy: {accuracies}" + ("" if auc is None else f"; verification AUC {auc:.2f}")
+                + f"; matching-layout AUC {matching}")
 
     def close(self) -> None:
         self.log.close()
+
+
+def init_checksum(init_from: str) -> str:
+    """The sha256 of the weights a run started from (``model.init_from``), so the record names
+    them exactly even after ``tiny-pretrained`` itself is rebuilt."""
+    from rematch.backbones.pretrained_tiny import PRETRAINED_TINY, asset_dir
+
+    return sha256_of((asset_dir() if init_from == PRETRAINED_TINY else Path(init_from)) / WEIGHTS_FILE)
 
 
 def save_pretrained_backbone(backbone: nn.Module, processor, model_dir: Path, config: PretrainConfig,
@@ -405,6 +493,8 @@ def save_pretrained_backbone(backbone: nn.Module, processor, model_dir: Path, co
             "steps": config.train.steps,
             "train_seconds": round(seconds, 1),
             "sha256": {WEIGHTS_FILE: sha256_of(weights)},
+            **({"init_from": config.model.init_from, "init_sha256": init_checksum(config.model.init_from)}
+               if config.model.init_from is not None else {}),
             "recipe": dataclasses.asdict(config),
             "loss_curve": loss_rows[:RECORDED_STEPS],
         }

@@ -5,8 +5,12 @@ log, overwrote its config.yaml and model, and had its own new checkpoints pruned
 the old ones carried higher step numbers; a later ``--resume`` then continued the OLD run
 under the NEW config while config.yaml recorded the new values. Now:
 
+* a run directory is new, empty, or marked as a run by its output record
+  (:mod:`rematch.outputs`; a run from before records: a readable ``run.json``); any other
+  folder is refused, ``--resume`` and ``--overwrite`` included, so they never touch a user's
+  files;
 * a directory that holds a previous run is refused unless ``train.resume`` (continue it) or
-  ``train.overwrite`` (delete that run's outputs, then start afresh) is given;
+  ``train.overwrite`` (delete that run's recorded outputs, then start afresh) is given;
 * ``run.json`` names the run (a random id) and every checkpoint records that id, the
   config's hash and the config itself, so a resume checks it continues the same run with
   the same settings; a changed setting is an error naming it, unless
@@ -25,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -33,6 +36,7 @@ from typing import Any, Callable, Mapping
 from rematch.atomic import write_json_atomically
 from rematch.config import Config, ConfigError
 from rematch.hub.card import RUN_RECORD_NAME
+from rematch.outputs import OutputDirectory, OutputRefusedError
 
 RUN_FILE = RUN_RECORD_NAME
 
@@ -41,9 +45,10 @@ RUN_FILE = RUN_RECORD_NAME
 #: section; runs without a format (1) were written before it and are not resumed.
 RUN_FORMAT = 2
 
-#: What a run writes into its directory (``--overwrite`` deletes these and nothing else).
+#: What a run writes into its directory (``--overwrite`` deletes those of these that the directory's output
+#: record says rematch wrote, and nothing else).
 RUN_OUTPUTS = ("run.json", "config.yaml", "losses.jsonl", "losses.csv", "loss_curves.png", "train_summary.json",
-               "checkpoints", "model", "tensorboard", "data")
+               "checkpoints", "model", "tensorboard", "data", "heldout.jsonl", "heldout.csv")
 
 #: Settings that may differ when a run is resumed: they change how it is logged, saved or
 #: fed, or how long it runs, not what a step computes.
@@ -77,43 +82,80 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def holds_a_run(out: Path) -> bool:
-    return out.is_dir() and any((out / name).exists() for name in RUN_OUTPUTS if name != "data")
+def _earlier_run(out: Path) -> set[str]:
+    """A run directory written before output markers: a readable ``run.json`` with a run id (a
+    folder that merely holds a ``config.yaml`` or ``losses.jsonl`` is the user's, not a run)."""
+    if read_run_id(out) is None:
+        return set()
+    return {name for name in RUN_OUTPUTS if (out / name).exists() or (out / name).is_symlink()}
 
 
-def check_run_directory(config: Config) -> None:
-    """Refuse a directory holding a previous run unless resuming or overwriting (read-only: every
-    process calls it before any writes, so all of them stop together)."""
+def _inspect(out: Path, command: str, train) -> OutputDirectory:
+    """The run directory's output record; a folder that is not a run of ``command`` is refused,
+    ``--resume`` and ``--overwrite`` or not (they act on a run, never on a user's files)."""
+    try:
+        return OutputDirectory.inspect(out, command, adopt=_earlier_run)
+    except OutputRefusedError as error:
+        flags = " and ".join(flag for flag, given in (("--resume", train.resume), ("--overwrite", train.overwrite))
+                             if given)
+        note = f"; {flags} {'act' if ' and ' in flags else 'acts'} only on a run directory" if flags else ""
+        raise RunDirectoryError(f"{error}{note}") from None
+
+
+def holds_a_run(out: Path, command: str = "train") -> bool:
+    """Whether ``out`` holds (part of) a run of ``command`` that rematch recorded writing."""
+    if not out.is_dir():
+        return False
+    try:
+        record = OutputDirectory.inspect(out, command, adopt=_earlier_run)
+    except OutputRefusedError:
+        return False
+    return any((out / name).exists() for name in record.files if name != "data")
+
+
+def check_run_directory(config: Config, command: str = "train") -> None:
+    """Refuse a directory that is not new, empty or a run of ``command``, and one holding a
+    previous run unless resuming or overwriting (read-only: every process calls it before any
+    writes, so all of them stop together)."""
     out, train = Path(config.train.out), config.train
-    if holds_a_run(out) and not (train.resume or train.overwrite):
+    record = _inspect(out, command, train)
+    previous = any((out / name).exists() for name in record.files if name != "data")
+    if previous and not (train.resume or train.overwrite):
         raise RunDirectoryError(f"{out} holds a previous run; pass --resume (train.resume=true) to continue it, "
                                 "or --overwrite (train.overwrite=true) to delete its outputs and start over, or "
                                 "choose another --out")
-    if train.resume and holds_a_run(out):
+    if train.resume and previous:
         check_run_format(read_run_format(out), str(out))
+    record.check(*RUN_OUTPUTS)  # a file of the user's under a run's output name is never replaced
 
 
-def prepare_run_directory(config: Config, log: Callable[[str], None] = print) -> str:
+def prepare_run_directory(config: Config, log: Callable[[str], None] = print, command: str = "train") -> str:
     """Apply the reuse rules to ``config.train.out`` (main process only, after every process
-    passed :func:`check_run_directory`); returns the run id."""
+    passed :func:`check_run_directory`); returns the run id. ``--overwrite`` deletes only the
+    outputs the directory's record says this command wrote."""
     out = Path(config.train.out)
     train = config.train
-    check_run_directory(config)
-    if holds_a_run(out) and not train.resume:
+    check_run_directory(config, command)
+    previous = holds_a_run(out, command)
+    record = OutputDirectory.claim(out, command, adopt=_earlier_run)
+    if previous and not train.resume:
         log(f"--overwrite: deleting the previous run's outputs in {out}")
         for name in RUN_OUTPUTS:
-            target = out / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+            if name in record.files:
+                record.remove(name)
+    record.will_write(*RUN_OUTPUTS)
     existing = read_run_id(out)
     if existing is not None and train.resume:
         return existing
     run_id = uuid.uuid4().hex[:12]
     write_json_atomically(out / RUN_FILE, {"run_id": run_id, "format": RUN_FORMAT})
     return run_id
+
+
+def seal_run_directory(out: Path, command: str = "train") -> None:
+    """Record what the finished run wrote (sizes, small files' hashes), so a later change by the
+    user is seen as theirs (main process only, at the end of the run)."""
+    OutputDirectory.inspect(out, command, adopt=_earlier_run).seal()
 
 
 def read_run_id(out: Path) -> str | None:

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 
 from rematch.config import ConfigError, dump_yaml
 from rematch.training.batches import BatchStream
-from rematch.training.checkpoint import latest_checkpoint, load_checkpoint, save_distributed_checkpoint
+from rematch.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_distributed_checkpoint
 from rematch.training.logs import StepLog, plot_losses
 from rematch.training.objective import Objective, RunContext, StepOutput
 from rematch.training.run_directory import (check_resume, check_run_directory, checkpoint_identity,
-                                           prepare_run_directory, read_run_id)
+                                           prepare_run_directory, read_run_id, seal_run_directory)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,14 +80,15 @@ def run_loop(config: Any, build: Callable[[RunContext], Objective], *, name: str
         raise ConfigError(f"under {accelerator.distributed_type.name}, resumable checkpoints (train.save_every, "
                           "train.resume) are not supported yet; set them to 0/false, or use plain DDP (the "
                           "paper's LoRA recipes fit without sharding)")
-    check_run_directory(config)  # every process, before anything is written
+    check_run_directory(config, name)  # every process, before anything is written
     accelerator.wait_for_everyone()
-    run_id = prepare_run_directory(config, log) if is_main else None
+    run_id = prepare_run_directory(config, log, name) if is_main else None
     accelerator.wait_for_everyone()
     if is_main:
         dump_yaml(config, out / "config.yaml")
 
     objective = build(context)
+    check_batch_fits_data(objective.source, train.batch_size, accelerator.num_processes)
     optimizer = torch.optim.AdamW(objective.parameter_groups)
     scheduler = _schedule(optimizer, objective, train)
     module, optimizer = accelerator.prepare(objective.module, optimizer)
@@ -161,10 +162,24 @@ def run_loop(config: Any, build: Callable[[RunContext], Objective], *, name: str
             **summary, "config": dataclasses.asdict(config)}, indent=2), encoding="utf-8")
     if is_main:
         step_log.close()
+        seal_run_directory(out, name)
     accelerator.wait_for_everyone()
     return LoopResult(model_dir=model_dir, steps=last_step, resumed_from=start_step, seconds=seconds,
                       samples_per_second=samples_per_second, final_losses=last_losses, loss_plot=plot,
                       summary=summary)
+
+
+def check_batch_fits_data(source: Any, batch_size: int, processes: int) -> None:
+    """A global batch larger than the training data would repeat rows within one step (and a
+    huge one filled the memory first); a source of unknown size (an endless stream) passes."""
+    try:
+        rows = len(source)
+    except TypeError:
+        return
+    if batch_size * processes > rows:
+        per = f" ({batch_size} per process x {processes})" if processes > 1 else ""
+        raise ConfigError(f"train.batch_size {batch_size * processes}{per} is larger than the training data "
+                          f"({rows} rows): use at most {max(1, rows // processes)} per process, or more data")
 
 
 def _schedule(optimizer: torch.optim.Optimizer, objective: Objective, train) -> Any:
@@ -190,7 +205,12 @@ def _resume(config: Any, checkpoints: Path, accelerator, module, optimizer, sche
         return 0
     state = load_checkpoint(found, module, optimizer, scheduler, rank=accelerator.process_index)
     check_resume(state.extra, read_run_id(Path(config.train.out)), config, state.step, found, log=quiet)
-    source.load_state_dict(state.data_state)
+    try:
+        source.load_state_dict(state.data_state)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as error:
+        raise CheckpointError(f"{found / 'state.json'}: its data position (data_state) cannot be restored "
+                              f"({type(error).__name__}: {error}); the file was edited or is damaged, delete "
+                              f"checkpoint {found.name} to resume from an earlier one") from None
     quiet(f"resumed from {found} at step {state.step}")
     return state.step
 

@@ -39,8 +39,10 @@ from torch import nn
 from rematch.config import LossConfig
 from rematch.data.items import Item, video_key
 from rematch.losses import OBJECTIVE, LossWeights, ReMatchLoss
-from rematch.matching import MatchSample, build_packed_batch, build_reference_batch, match_logits, training_views
+from rematch.matching import (MatchBatch, MatchSample, answer_states, build_packed_batch, build_reference_batch,
+                              pair_kinds, training_views)
 from rematch.model import EmbeddingOutput, ReMatchModel
+from rematch.training.matching_diagnostics import matching_by_view
 from rematch.training.vision_cache import with_image_features
 
 
@@ -154,8 +156,11 @@ class ReMatchTrainingModule(nn.Module):
         self.reuse_processed_images = reuse_processed_images
         self.model = model
         self.loss_config = loss
+        # full: the answers' logits span the vocabulary and the targets are the Yes/No token ids
+        self.answer_token_ids = ((model.yes_token_id, model.no_token_id) if loss.matching_vocabulary == "full"
+                                 else None)
         self.criterion = ReMatchLoss(LossWeights(loss.contrastive, loss.orthogonality, loss.matching),
-                                     temperature=loss.temperature)
+                                     temperature=loss.temperature, answer_token_ids=self.answer_token_ids)
         self.seed = seed
         self.last_skipped_matching = 0
 
@@ -181,13 +186,18 @@ class ReMatchTrainingModule(nn.Module):
 
     def losses(self, batch, queries: EmbeddingOutput, positives: EmbeddingOutput,
                negatives: EmbeddingOutput | None, step: int = 0) -> dict[str, torch.Tensor]:
-        """The loss terms from a batch's embeddings (GradCache passes cached leaf tensors here)."""
+        """The loss terms from a batch's embeddings (GradCache passes cached leaf tensors here).
+
+        With matching on, the dict also holds the matching loss and accuracy per kind of view
+        pair (:mod:`rematch.training.matching_diagnostics`): measurements without a graph, not
+        loss terms, never in ``"loss"``; the loop logs them as metrics."""
         model = self.model
         outputs = [queries, positives] + ([negatives] if negatives is not None else [])
         token_states = torch.cat([o.token_states for o in outputs]) if model.num_tokens > 1 else None
         embedded = [batch.queries, batch.positives] + ([batch.negatives] if negatives is not None else [])
         images_reached = any(b.pixel_values is not None or b.pixel_values_videos is not None for b in embedded)
         answer_logits = answer_labels = None
+        kinds = pair_kinds(2)  # a query, its positive and one negative per matched sample
         matching_reached = False
         if self.loss_config.matching:
             plan = self.plan_matching(batch, queries, positives, negatives, step)
@@ -196,15 +206,18 @@ class ReMatchTrainingModule(nn.Module):
                 build = build_packed_batch if self.packed_matching else build_reference_batch
                 match_batch = build(model.adapter, plan.samples, model.config.system_prompt,
                                     model.config.matching_instruction, where="training sample")
-                answer_logits = match_logits(model, match_batch, plan.soft_embeddings,
-                                             image_features=batch.image_features)
+                answer_logits = self.answer_logits(match_batch, plan.soft_embeddings, batch.image_features)
                 answer_labels = match_batch.labels.to(answer_logits.device)
+                kinds = pair_kinds(match_batch.num_documents)
                 matching_reached = True
                 images_reached = (images_reached or match_batch.pixel_values is not None
                                   or match_batch.pixel_values_videos is not None)
         terms = self.criterion(queries.embedding, positives.embedding,
                                negatives.embedding if negatives is not None else None,
                                token_states, answer_logits, answer_labels)
+        if self.loss_config.matching:  # measurements, not loss terms (see matching_diagnostics)
+            terms.update(matching_by_view(answer_logits, answer_labels, kinds, self.answer_token_ids,
+                                          queries.embedding.device))
         unreached = [] if images_reached else vision_parameters(model)
         if self.loss_config.matching and not matching_reached:
             unreached += [p for _, p in matching_only_parameters(model)]
@@ -214,6 +227,15 @@ class ReMatchTrainingModule(nn.Module):
                 if name in terms:
                     terms[name] = terms[name] + touch
         return terms
+
+    def answer_logits(self, match_batch: MatchBatch, soft_embeddings: torch.Tensor,
+                      image_features=None) -> torch.Tensor:
+        """The matching answers' logits (samples, pairs, 2 or V) for the configured loss: the
+        [Yes, No] rows (``yes_no``) or the whole vocabulary (``full``), at the answer positions only."""
+        model = self.model
+        states = answer_states(model, match_batch, soft_embeddings, image_features=image_features)
+        logits = model.vocabulary_logits(states) if self.answer_token_ids else model.answer_logits(states)
+        return logits.view(match_batch.num_samples, match_batch.pairs_per_sample, -1)
 
     def plan_matching(self, batch, queries: EmbeddingOutput, positives: EmbeddingOutput,
                       negatives: EmbeddingOutput | None, step: int) -> MatchingPlan:

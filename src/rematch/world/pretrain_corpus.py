@@ -46,6 +46,7 @@ from rematch.world.scenes import (
     describes,
     layout_split,
     perturb_description,
+    perturb_scene,
     random_scene,
     render,
     scene_is_valid,
@@ -200,6 +201,110 @@ def scene_example(spec: CorpusSpec, index: int, large_only: bool = False, single
     rng = example_rng(spec.split, spec.seed, index)
     scene = _scene(rng, spec, LAYOUT_HALF[spec.split], large_only, 1 if single_object else None)
     return Example(scene, "", "", ATTRIBUTES_TASK, "", object_scale)
+
+
+#: The task name of a verification pair (the pre-training objective ``matching``).
+MATCHING_TASK = "matching"
+#: Foil kinds that change one object's attribute (what a single-object scene can have).
+SINGLE_ATTRIBUTE_FOILS = ("replace_colour", "replace_shape", "replace_size")
+
+
+@dataclass(frozen=True)
+class VerificationPair:
+    """A scene with a true caption and a compositional foil of it, asked in the matching layout.
+
+    Why a pair and not a Yes/No question: the matching branch sees one query and two
+    documents per sample, the relevant one and a hard negative. Here the two differ in exactly
+    one stated way (``kind``), so the only thing that separates their answers is the comparison
+    itself: neither the image nor the caption's wording alone tells "Yes" from "No", and the
+    pair's shared half cancels out of the loss. ``image_query``: the image is the query and the
+    two captions the documents (image -> text, as I2T and classification); otherwise the true
+    caption is the query and the documents are the scene and the scene changed the same way
+    (text -> image, as T2I).
+    """
+
+    scene: Scene
+    caption: str
+    foil: str
+    foil_scene: Scene | None
+    kind: str
+    image_query: bool
+    object_scale: float = 1.0
+    task: str = MATCHING_TASK
+
+    def image(self, side: int) -> Image.Image:
+        return render(self.scene, side, self.object_scale)
+
+    def foil_image(self, side: int) -> Image.Image:
+        if self.foil_scene is None:
+            raise ValueError("this pair's foil is a caption, not a scene")
+        return render(self.foil_scene, side, self.object_scale)
+
+
+def verification_pair(spec: CorpusSpec, index: int, large_only: bool = False, single_object: bool = False,
+                      object_scale: float = 1.0, foil_kinds: Sequence[str] | None = None) -> VerificationPair:
+    """Verification pair ``index`` of the stream ``spec`` describes (a pure function of both).
+
+    ``foil_kinds`` limits the foils (default: every kind the scene allows; single objects
+    allow only :data:`SINGLE_ATTRIBUTE_FOILS`). Half the pairs put the image first as the
+    query, half the caption (an RNG of its own decides, so the scene and foil do not depend on it).
+    """
+    kinds = tuple(foil_kinds or FOIL_KINDS)
+    unknown = set(kinds) - set(FOIL_KINDS)
+    if unknown:
+        raise CorpusError(f"unknown foil kinds {sorted(unknown)}; known: {', '.join(FOIL_KINDS)}")
+    rng = example_rng(f"{spec.split}/matching", spec.seed, index)
+    image_query = random.Random(f"rematch-world/pretrain-corpus/matching-orientation/{spec.split}/{spec.seed}/"
+                                f"{index}").random() < 0.5
+    for _ in range(1000):
+        scene = _scene(rng, spec, LAYOUT_HALF[spec.split], large_only, 1 if single_object else None)
+        usable = [kind for kind in kinds if len(scene.objects) > 1 or kind in SINGLE_ATTRIBUTE_FOILS]
+        if not usable:
+            raise CorpusError(f"foil kinds {list(kinds)} need scenes of two or more objects")
+        truth = _described(scene, rng)
+        kind = rng.choice(usable)
+        foil = perturb_description(truth, kind, rng)
+        if foil is None or describes(foil, scene):
+            continue
+        foil_scene = None
+        if not image_query:  # the true caption asks; the documents are the scene and a scene changed by `kind`
+            foil_scene = _scene_changed_like(scene, truth, kind, rng)
+            if foil_scene is None:
+                continue
+        return VerificationPair(scene, truth.text, foil.text, foil_scene, kind, image_query, object_scale)
+    raise RuntimeError(f"no verification pair found in 1000 scenes (split {spec.split}, index {index})")
+
+
+def _described(scene: Scene, rng: random.Random) -> Description:
+    """A true description of one object, or of objects 0 and 1 (in random order) and their relation:
+    the objects :func:`~rematch.world.scenes.perturb_scene` changes, so a foil scene changes what
+    the caption mentions (scenes list their objects in random order, so this is any pair)."""
+    objects = scene.objects
+    if len(objects) == 1:
+        return Description((ObjectSpec(objects[0].colour, objects[0].shape, objects[0].size),))
+    first, second = rng.sample((0, 1), 2)
+    return Description((ObjectSpec(objects[first].colour, objects[first].shape, objects[first].size),
+                        ObjectSpec(objects[second].colour, objects[second].shape, objects[second].size)),
+                       scene.relation(first, second))
+
+
+def _scene_changed_like(scene: Scene, truth: Description, kind: str, rng: random.Random) -> Scene | None:
+    """A valid scene changed by ``kind`` that the true caption no longer describes (None if none is found)."""
+    for _ in range(20):
+        changed = perturb_scene(scene, kind, rng)
+        if changed is not None and scene_is_valid(changed) and not describes(truth, changed):
+            return changed
+    return None
+
+
+def heldout_verification_pairs(count: int, seed: int = 0, single_object: bool = False,
+                               foil_kinds: Sequence[str] | None = None) -> list[VerificationPair]:
+    """``count`` pairs of the ``heldout`` stream (scenes never seen in pre-training)."""
+    if count < 1:
+        raise ValueError(f"the number of held-out verification pairs must be >= 1, got {count}")
+    spec = CorpusSpec(split="heldout", seed=seed, task_weights={"verify": 1.0})
+    return [verification_pair(spec, index, single_object=single_object, foil_kinds=foil_kinds)
+            for index in range(count)]
 
 
 def heldout_examples(per_type: int, seed: int = 0, image_position: str = "first") -> list[Example]:

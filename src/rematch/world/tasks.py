@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -582,24 +581,43 @@ def write_shapes_dataset(out_dir: str | os.PathLike, train_rows: int, eval_queri
 
     Image paths in rows are relative to OUT, so ``OUT`` is both the data root and the image root.
     ``OUT`` is written as a whole (a temporary sibling renamed into place): it must be new, empty
-    or an earlier shapes world, which is replaced; a folder of anything else is refused unless
-    ``overwrite`` (writing into it overwrote files such as a ``manifest.json`` of the user's).
+    or an earlier shapes world holding nothing but the world (which is replaced); a folder of
+    anything else, or a world with the user's own subset in it, is refused, ``overwrite`` or not
+    (writing into it once overwrote a ``manifest.json`` of the user's, replacing it deleted their
+    subset). The manifest holds no timing, so the same command writes the same world, a rerun
+    after ``kill -9`` included (the killed write's temporary folder is removed first).
     """
-    from rematch.atomic import check_replaceable, write_directory_atomically
+    from rematch.atomic import check_path_length, check_replaceable, write_directory_atomically
 
     check_shapes_sizes(train_rows, eval_queries, num_candidates, image_size, fmt)
     _check_v2_sizes(video_clips, pages, frame_size, video_mp4)
     tasks = _check_tasks(tasks)
-    target = Path(out_dir).absolute()  # "." has no name to write a sibling under
+    target = check_path_length(Path(out_dir), "--out").absolute()  # "." has no name to write a sibling under
     what = "a shapes world (rematch data synth)"
-    check_replaceable(target, _is_shapes_world, what, overwrite)  # before the work, not after it
+    own = _world_entries(target)
+    check_replaceable(target, _is_shapes_world, what, overwrite, own)  # before the work, not after it
     write_directory_atomically(target, partial(_write_world, train_rows=train_rows, eval_queries=eval_queries,
                                                seed=seed, num_candidates=num_candidates, fmt=fmt,
                                                image_size=image_size, tasks=tasks, row_group_size=row_group_size,
                                                video_clips=video_clips, pages=pages, frame_size=frame_size,
                                                video_mp4=video_mp4),
-                               is_ours=_is_shapes_world, what=what, overwrite=overwrite)
+                               is_ours=_is_shapes_world, what=what, overwrite=overwrite, own_entry=own)
     return Path(out_dir)
+
+
+#: The top-level entries of a shapes world besides its subset folders.
+WORLD_ENTRIES = frozenset({"manifest.json", "images", "video-tasks", "visdoc-tasks"})
+
+
+def _world_entries(directory: Path):
+    """``own_entry`` of a world folder: its fixed entries and the subsets its manifest lists. A
+    folder of the user's inside a world (their own subset) is none of them, so replacing the
+    world is refused instead of deleting it."""
+    listed: set[str] = set()
+    if _is_shapes_world(directory):
+        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+        listed = {str(name) for name in manifest.get("subsets", {})}
+    return lambda name: name in WORLD_ENTRIES or name in listed
 
 
 def check_shapes_sizes(train_rows: int, eval_queries: int, num_candidates: int, image_size: int,
@@ -639,7 +657,6 @@ def _is_shapes_world(directory: Path) -> bool:
 def _write_world(out: Path, *, train_rows: int, eval_queries: int, seed: int, num_candidates: int, fmt: str,
                  image_size: int, tasks: list[str], row_group_size: int, video_clips: int = 0, pages: int = 0,
                  frame_size: int = 56, video_mp4: bool = False) -> None:
-    start = time.perf_counter()
     train = generate_train_rows(train_rows, seed, tasks) if train_rows > 0 else ShapesSplit()
     evaluation = ShapesSplit()
     if eval_queries > 0:
@@ -666,8 +683,8 @@ def _write_world(out: Path, *, train_rows: int, eval_queries: int, seed: int, nu
         "eval_queries": eval_queries, "num_candidates": num_candidates, "format": fmt, "image_size": image_size,
         "subsets": {task: {"meta_task": TASKS[task], "split": "IND", "train": len(train.rows.get(task, [])),
                            "test": len(evaluation.rows.get(task, []))} for task in tasks},
-        "images": len(images), **extra, "seconds": round(time.perf_counter() - start, 2),
-    }
+        "images": len(images), **extra,
+    }  # no timing in it: the same command writes the same manifest (a rerun after kill -9 included)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 

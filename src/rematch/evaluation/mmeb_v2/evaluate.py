@@ -24,7 +24,7 @@ from rematch.encoding.cache import CachedEncoder, EncodeStats
 from rematch.distributed import is_main_process
 from rematch.encoding.distributed import gather_stats
 from rematch.evaluation.mmeb import (
-    TIE_RULE, check_output_directory, evaluate_subset, subset_file_name)
+    SUMMARY_FILES, TIE_RULE, claim_result_directory, evaluate_subset, subset_file_name)
 from rematch.evaluation.mmeb_v2.report import summarize_v2, write_summary_v2
 from rematch.evaluation.mmeb_v2.scoring import evaluate_ranking_task
 from rematch.evaluation.mmeb_v2.tables import describe_places, find_rows
@@ -161,8 +161,10 @@ def evaluate_mmeb_v2(model, root: str | os.PathLike, out_dir: str | os.PathLike 
     """
     specs = discover_tasks(root, modalities, tasks)
     main = is_main_process()
+    outputs = None
     if out_dir is not None and main:
-        check_output_directory(Path(out_dir), model.fingerprint(), overwrite)
+        names = [subset_file_name(spec.name) for spec in specs] + list(SUMMARY_FILES[:2])
+        outputs = claim_result_directory(Path(out_dir), "eval mmeb-v2", model.fingerprint(), names, overwrite)
     say = log if (log and main) else (lambda _: None)
     with (input_limits(model, limits) if limits is not None else contextlib.nullcontext()), \
             video_sampling(model, video_frames) as sampling_record:
@@ -193,6 +195,7 @@ def evaluate_mmeb_v2(model, root: str | os.PathLike, out_dir: str | os.PathLike 
                            input_limits=limits_record, tie_rule=TIE_RULE, video_sampling=sampling_record)
     if out_dir is not None and main:
         write_summary_v2(summary, out_dir)
+        outputs.seal()
     say(f"All {100 * summary['all']['score']:.2f} over {summary['all']['tasks']} task(s); " + ", ".join(
         f"{m} {100 * row['score']:.2f}" for m, row in summary["modalities"].items()))
     say(f"encoded {stats.encoded} items in {stats.seconds:.1f}s, {stats.cached} served from the embedding cache")

@@ -27,6 +27,9 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTo
 
 SETTINGS_NAME = "rematch_embedding.json"
 PROJECTOR_NAME = "rematch_projector.safetensors"
+#: The prompts a sentence-transformers export declares: markers that select the role (its K
+#: tokens), never text the model reads -- ReMatch's roles are tokens, not prefixes.
+ROLE_PROMPTS = {"query": "<|rematch:query|>", "document": "<|rematch:document|>"}
 IMAGE_PAD = "<|image_pad|>"
 VISION_BLOCK = f"<|vision_start|>{IMAGE_PAD}<|vision_end|>"
 IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>|<image>")  # MMEB-style image marks inside a text

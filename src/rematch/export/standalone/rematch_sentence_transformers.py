@@ -4,11 +4,15 @@
 step of the embedding is the plain-transformers one in ``rematch_embedding.py`` beside it
 (imported relatively, so this file needs neither rematch nor anything outside OUT).
 
-* ``encode_query`` / ``encode_document`` pick the role (its K learnable tokens, and the
-  default document instruction for documents); a plain ``encode`` embeds queries.
+* The role (query or document: its K learnable tokens, and the default document
+  instruction for documents) comes from whichever sentence-transformers idiom says it:
+  ``encode_query`` / ``encode_document``, ``encode(x, task="query"|"document")`` or
+  ``encode(x, prompt_name="query"|"document")``. The export's prompts are role markers
+  (``ROLE_PROMPTS``), so a prompt name reaches this module as its marker; a plain
+  ``encode`` embeds queries. An explicit ``task`` wins.
 * An input is a text, a PIL image, or a dict with ``text`` / ``image`` (a PIL image or a
-  file path) / ``instruction``; a ``prompt`` (or ``prompt_name``) becomes the instruction
-  of items that carry none -- ReMatch puts instructions in the system turn.
+  file path) / ``instruction``; any other ``prompt`` (a text of one's own) becomes the
+  instruction of items that carry none -- ReMatch puts instructions in the system turn.
 * The vectors are L2-normalised (cosine similarity).
 """
 
@@ -22,11 +26,14 @@ from typing import Any
 import torch
 from sentence_transformers.base.modules import InputModule
 
-from .rematch_embedding import PROJECTOR_NAME, SETTINGS_NAME, ExportedEmbedder
+from .rematch_embedding import PROJECTOR_NAME, ROLE_PROMPTS, SETTINGS_NAME, ExportedEmbedder
 
 ROLES = ("query", "document")
+PROMPT_ROLES = {prompt: role for role, prompt in ROLE_PROMPTS.items()}
 ITEM_KEYS = {"text", "image", "instruction"}
 CODE_FILES = ("rematch_embedding.py", "rematch_sentence_transformers.py")
+#: Files of the export that describe it to other tools (mteb reads the modalities there); copied as they are.
+DESCRIPTION_FILES = ("sentence_bert_config.json",)
 
 
 class ReMatchEmbedding(InputModule):
@@ -55,10 +62,11 @@ class ReMatchEmbedding(InputModule):
 
     def preprocess(self, inputs: list, prompt: str | None = None, task: str | None = None,
                    **kwargs) -> dict[str, torch.Tensor]:
-        role = task or "query"
+        role = task or PROMPT_ROLES.get(prompt or "") or "query"
         if role not in ROLES:
             raise ValueError(f"task must be one of {ROLES} (encode_query / encode_document), got {task!r}")
-        items = [self._item(value, index, prompt) for index, value in enumerate(inputs)]
+        instruction = None if prompt in PROMPT_ROLES else prompt
+        items = [self._item(value, index, instruction) for index, value in enumerate(inputs)]
         return self.embedder.prepare(items, role)
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
@@ -76,7 +84,7 @@ class ReMatchEmbedding(InputModule):
         self.tokenizer.save_pretrained(output)
         self.embedder.image_processor.save_pretrained(output)
         (output / SETTINGS_NAME).write_text(json.dumps(self.embedder.settings, indent=2) + "\n", encoding="utf-8")
-        for name in (PROJECTOR_NAME, *CODE_FILES):
+        for name in (PROJECTOR_NAME, *CODE_FILES, *DESCRIPTION_FILES):
             if (self.source / name).is_file() and (self.source / name).resolve() != (output / name).resolve():
                 shutil.copyfile(self.source / name, output / name)
 
@@ -99,3 +107,4 @@ class ReMatchEmbedding(InputModule):
         if prompt and not item.get("instruction"):
             item["instruction"] = prompt
         return item
+
