@@ -5,7 +5,7 @@ Why a script and not tests: it runs ~200 subprocesses against a small fixture wo
 minutes of wall time even with tiny models), and its product is a *census* -- how many
 cases end in a clear one-line error, a traceback, a silently wrong result, lost user files
 or a hang -- which is what the "Hardening" issue measured and what a fix must move. The
-regressions it finds become fast cases in ``tests/test_bad_input_cli.py``.
+regressions it finds become fast cases in ``tests/cli/test_bad_input.py`` (outputs: ``tests/cli/test_outputs.py``).
 
 Every case is one subprocess (``python -m rematch.cli ...``, or a short API snippet) with
 a time limit and an address-space cap, and is classified as
@@ -851,8 +851,9 @@ cli("out27-mmeb-own-output-edited", "outputs", MMEB + " --overwrite", timeout=12
                             (w / "e" / "summary.md").write_text("my edits\n")), protect=("e/summary.md",))
 def _v2_world(work: Path, world: World) -> None:
     """A shapes world with pages: MMEB-V2's visual-document layout."""
-    subprocess.run([sys.executable, "-m", "rematch.cli", "data", "synth", "--out", str(work / "v2"), "--train-rows", "4",
-                    "--eval-queries", "2", "--candidates", "4", "--image-size", "28", "--pages", "2"],
+    subprocess.run([sys.executable, "-m", "rematch.cli", "data", "synth", "--out", str(work / "v2"),
+                    "--train-rows", "4", "--eval-queries", "2", "--candidates", "4", "--image-size", "28",
+                    "--pages", "2"],
                    capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
@@ -941,8 +942,8 @@ STALE_MODELS = {
 }
 for label, mutate in STALE_MODELS.items():
     cli(f"vec27-model-{label}", "vectors", ENCM + "{W}/m", setup=copy_of("M", "m", mutate), fragments=("m",))
-cli("vec27-model-heads-of-another-model", "vectors", ENCM + "{W}/m", setup=from_other("MS", "rematch_heads.safetensors"),
-    fragments=("rematch_heads",))
+cli("vec27-model-heads-of-another-model", "vectors", ENCM + "{W}/m",
+    setup=from_other("MS", "rematch_heads.safetensors"), fragments=("rematch_heads",))
 cli("vec27-model-backbone-of-another-model", "vectors", ENCM + "{W}/m", setup=from_other("MS", "model.safetensors"),
     fragments=("model.safetensors",))
 for label, change in {"preprocessor": ("preprocessor_config.json", lambda d: d.update(image_mean=[0.5, 0.5, 0.5])),
@@ -963,7 +964,8 @@ CachedEncoder(m, W + "/cache").encode(items, "document")
 st = os.stat(W + "/a.bmp"); open(W + "/a.bmp", "wb").write(open(W + "/b.bmp", "rb").read())
 os.utime(W + "/a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
 again = CachedEncoder(m, W + "/cache"); again.encode(items, "document")
-assert_silent(again.stats.encoded == 1, "an image swapped for another of the same size and mtime was served from the cache")
+assert_silent(again.stats.encoded == 1,
+              "an image swapped for another of the same size and mtime was served from the cache")
 """, expect="ok")
 TRAIN_RESUME = TRAIN.replace("--steps 1", "--steps 2") + " --model.num_tokens 2 --resume"
 

@@ -632,8 +632,8 @@ def _checkpoint_edit(change):
         state = json.loads((checkpoint / "state.json").read_text())
         change(state)
         (checkpoint / "state.json").write_text(json.dumps(state))
-        _edit_json(checkpoint / "MANIFEST.json",
-                   lambda manifest: manifest["files"].update({"state.json": (checkpoint / "state.json").stat().st_size}))
+        size = (checkpoint / "state.json").stat().st_size
+        _edit_json(checkpoint / "MANIFEST.json", lambda manifest: manifest["files"].update({"state.json": size}))
 
     return mutate
 
@@ -724,6 +724,8 @@ def test_comparing_or_exporting_with_a_summary_of_another_shape_is_one_line(tmp_
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.xfail(strict=True, reason="needs IndexSpec.validate to refuse hnsw_m < 2 (src/rematch/retrieval/index.py, "
+                                       "the issue-25 helper's file); remove this marker with that fix")
 def test_an_hnsw_graph_of_one_link_is_refused(tmp_path):
     """FAISS segfaults building an HNSW graph with M=1: a subprocess, so a crash fails only this test."""
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": f"document {i}"}) + "\n"
@@ -758,6 +760,22 @@ def test_runs_without_end_are_refused_before_they_start(tmp_path, capsys, monkey
     outcome = run_in_process(capsys, *args, "--out", tmp_path / "out")
     assert_clear_in_process(outcome, fragment)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="needs `rematch serve` to turn a busy port into one line (src/rematch/serving, "
+                                       "the issue-25 helper's files); remove this marker with that fix")
+def test_a_busy_serve_port_is_one_line(tmp_path):
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("uvicorn") is None:
+        pytest.skip("the serve extra is not installed")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        result = run_cli("serve", "--model", "tiny", "--allow-untrained", "--port", str(port))
+    assert_clear_error(result, str(port))
 
 
 def test_a_batch_larger_than_the_training_data_is_refused(tmp_path, finished_run, capsys):

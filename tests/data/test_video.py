@@ -396,7 +396,8 @@ def test_the_sampling_rule_is_validated_and_enters_the_fingerprint_only_when_set
         ModelConfig(video_sampling="every").validate()
     with pytest.raises(ValueError, match="video sampling must be one of"):
         load_video_frames(moving_square(2), 1.0, 8, sampling="every")
-    model = models["qwen2_vl"]
+    fixture = models["qwen2_vl"]  # built the same way as the two below (a loaded model keeps its saved scheme)
+    model = ReMatchModel(fixture.backbone, fixture.processor, fixture.config)
     official = ReMatchModel(model.backbone, model.processor, _replace(model.config, video_sampling="mmeb_v2"))
     assert official.fingerprint() != model.fingerprint()
     again = ReMatchModel(model.backbone, model.processor, _replace(official.config, video_sampling="fps"))

