@@ -526,7 +526,7 @@ cli("model-heads-wrong-shape", "models", ENCM + "{W}/m",
     fragments=("rematch_heads",))
 
 # ---------------------------------------------------------------- info
-cli("info-ok", "info", "info {M}", expect="ok", check=stdout_json)
+cli("info-ok", "info", "info {M} --json", expect="ok", check=stdout_json)
 cli("info-missing", "info", "info {W}/nope", fragments=("nope",))
 cli("info-user-folder", "info", "info {U}", fragments=("my-project",))
 cli("info-hub-typo", "info", "info org/does-not-exist", fragments=("org/does-not-exist",))
