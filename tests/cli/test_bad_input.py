@@ -724,8 +724,6 @@ def test_comparing_or_exporting_with_a_summary_of_another_shape_is_one_line(tmp_
     assert not (tmp_path / "export").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs IndexSpec.validate to refuse hnsw_m < 2 (src/rematch/retrieval/index.py, "
-                                       "the issue-25 helper's file); remove this marker with that fix")
 def test_an_hnsw_graph_of_one_link_is_refused(tmp_path):
     """FAISS segfaults building an HNSW graph with M=1: a subprocess, so a crash fails only this test."""
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": f"document {i}"}) + "\n"

@@ -98,6 +98,8 @@ class IndexSpec:
         for name in ("hnsw_m", "nprobe", "ef_search"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.hnsw_m < 2:  # FAISS's HNSW with one link per node crashes the process (segfault)
+            raise ValueError(f"hnsw_m (--hnsw-m) must be >= 2, got {self.hnsw_m} (16 to 64 is usual)")
         if self.hnsw_m > MAX_HNSW_M:  # FAISS allocates 2*M links per node up front: M=1e8 exhausts memory
             raise ValueError(f"hnsw_m (--hnsw-m) must be <= {MAX_HNSW_M}, got {self.hnsw_m} (16 to 64 is usual)")
         if self.nlist is not None and self.nlist < 1:
