@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.cli import assert_clear_in_process, run_in_process
 from rematch.data.items import Item
 
 TIMEOUT = 120
@@ -183,30 +184,6 @@ def test_a_damaged_index_of_the_same_size_is_refused(tmp_path, saved_model):
 # hang); the other variants of the class run in this process through the same ``main`` (no
 # interpreter start-up, so the file stays fast): an exception escaping ``main`` is exactly
 # what a user would have seen as a traceback, and fails the test.
-
-
-def run_in_process(capsys, *args) -> tuple[int, list[str]]:
-    """``rematch ARGS`` in this process: its exit status and non-empty stderr lines (the message
-    of a ``SystemExit`` last)."""
-    from rematch.cli import main
-
-    capsys.readouterr()
-    message = None
-    try:
-        status = main([str(arg) for arg in args])
-    except SystemExit as stop:
-        status = stop.code if isinstance(stop.code, int) else 1
-        message = None if isinstance(stop.code, int) else str(stop.code)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    return status, lines + ([message] if message else [])
-
-
-def assert_clear_in_process(outcome: tuple[int, list[str]], *fragments: str) -> None:
-    status, lines = outcome
-    assert status == 1 and lines and lines[-1].startswith("rematch: error: "), outcome
-    assert sum(line.startswith("rematch") for line in lines) == 1, lines
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
 
 
 def test_an_input_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
