@@ -737,8 +737,6 @@ def test_runs_without_end_are_refused_before_they_start(tmp_path, capsys, monkey
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs `rematch serve` to turn a busy port into one line (src/rematch/serving, "
-                                       "the issue-25 helper's files); remove this marker with that fix")
 def test_a_busy_serve_port_is_one_line(tmp_path):
     import importlib.util
     import socket
@@ -750,7 +748,8 @@ def test_a_busy_serve_port_is_one_line(tmp_path):
         listener.listen(1)
         port = listener.getsockname()[1]
         result = run_cli("serve", "--model", "tiny", "--allow-untrained", "--port", str(port))
-    assert_clear_error(result, str(port))
+    assert_clear_error(result, f"port {port} on 127.0.0.1 is already in use")
+    assert "model tiny" not in result.stdout  # refused before the model loads
 
 
 def test_a_batch_larger_than_the_training_data_is_refused(tmp_path, finished_run, capsys):

@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _require_serving_packages()
     from rematch.commands.loading import load_model
     from rematch.retrieval.index import Index, index_model_spec
-    from rematch.serving import create_app, serve
+    from rematch.serving import create_app, listening_socket, serve
 
     if args.model is None and args.index is None:
         raise SystemExit("rematch serve: give --model (and optionally --index; with --index alone, the index's "
@@ -45,14 +45,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.is_loopback and not settings.api_key:
         print(f"rematch serve: warning: listening on {settings.host} without --api-key: anyone who can reach "
               "this address can use the server", file=sys.stderr)
-    model = load_model(spec, args.device, allow_untrained=args.allow_untrained)
-    index = Index.load(args.index, model=model) if args.index else None
-    app = create_app(model, index, settings)
-    where = f"http://{settings.host}:{settings.port}"
+    sock = listening_socket(settings.host, settings.port)  # a busy port is refused before the model loads
+    try:
+        model = load_model(spec, args.device, allow_untrained=args.allow_untrained)
+        index = Index.load(args.index, model=model) if args.index else None
+        app = create_app(model, index, settings)
+    except BaseException:
+        sock.close()
+        raise
+    where = f"http://{settings.host}:{sock.getsockname()[1]}"  # the port chosen when --port 0
     names = " or ".join(repr(name) for name in settings.model_names)
     print(f"rematch serve: model {spec} as {names}" + (f", index {args.index} ({len(index)} items)" if index else "")
           + f"; search page at {where}/ , API at {where}/v1/", flush=True)
-    serve(app, settings, log_level=args.log_level)
+    serve(app, settings, log_level=args.log_level, sock=sock)
     return 0
 
 

@@ -11,7 +11,7 @@ Routes: ``POST /v1/embeddings`` (OpenAI; vLLM's chat-style ``messages`` too), ``
 """
 
 from rematch.serving.app import create_app
-from rematch.serving.server import ServerThread, serve
+from rematch.serving.server import ServerThread, listening_socket, serve
 from rematch.serving.settings import ServeSettings
 
-__all__ = ["ServeSettings", "ServerThread", "create_app", "serve"]
+__all__ = ["ServeSettings", "ServerThread", "create_app", "listening_socket", "serve"]

@@ -2,12 +2,15 @@
 
 Shutdown is graceful in both: uvicorn stops accepting connections, waits up to
 ``shutdown_timeout_s`` for requests in flight, then the app's lifespan lets the model
-worker finish its queue and stops it. The thread form binds its own socket first, so an
-ephemeral port (0) is known before the server starts and no two tests race for a port.
+worker finish its queue and stops it. Both forms bind their socket themselves, before
+uvicorn starts (:func:`listening_socket`): a busy port is then one clear error raised
+before the model loads (uvicorn logged it and exited with status 1, after the load), and
+an ephemeral port (0) is known before the server starts, so no two tests race for a port.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -27,11 +30,42 @@ def uvicorn_config(app, settings: ServeSettings, log_level: str = "info", own_lo
                           log_config=LOGGING_CONFIG if own_logging else None)
 
 
-def serve(app, settings: ServeSettings, log_level: str = "info") -> None:
-    """Serve ``app`` until SIGINT/SIGTERM (then finish in-flight requests and return)."""
+class PortUnavailableError(OSError):
+    """The address to listen on cannot be bound (in use, not ours, or not an address of this machine)."""
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: any free port), for uvicorn to listen on.
+
+    SO_REUSEADDR lets a restarted server take its port back from connections still in
+    TIME_WAIT; on Linux it does not let two servers share a port that one is listening on.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        reason = "is already in use (another server? choose another --port)" if error.errno == errno.EADDRINUSE \
+            else f"cannot be bound: {error.strerror or error}"
+        raise PortUnavailableError(error.errno, f"port {port} on {host} {reason}") from error
+    return sock
+
+
+def serve(app, settings: ServeSettings, log_level: str = "info", sock: socket.socket | None = None) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM (then finish in-flight requests and return).
+
+    ``sock``: a socket from :func:`listening_socket`, bound before the (slow) model load so
+    that a busy port is refused first; bound here when not given.
+    """
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(app, settings, log_level)).run()
+    sock = sock or listening_socket(settings.host, settings.port)
+    try:
+        uvicorn.Server(uvicorn_config(app, settings, log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class ServerThread:
@@ -46,9 +80,7 @@ class ServerThread:
         import uvicorn
 
         self.settings = settings or ServeSettings(port=0)
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((self.settings.host, self.settings.port))
+        self.socket = listening_socket(self.settings.host, self.settings.port)
         self.port = self.socket.getsockname()[1]
         self.url = f"http://{self.settings.host}:{self.port}"
         self.server = uvicorn.Server(uvicorn_config(app, self.settings, log_level, own_logging=False))
