@@ -33,13 +33,13 @@ import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from rematch.data.items import Item
-from rematch.matching import QUERY_VIEWS, MatchSample, build_packed_batch, document_blocks, match_logits, view_pairs
+from rematch.matching import MatchSample, build_packed_batch, match_logits, pair_kinds
 from rematch.model import ReMatchModel
+from rematch.training.answers import separation_auc
 
 TASKS = ("document-only", "soft-equality", "text-equality")
 WORDS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "star", "square", "circle",
@@ -55,15 +55,19 @@ class Pairs:
     soft: torch.Tensor
 
 
-def pair_kinds() -> list[str]:
-    """``raw-soft`` etc. for each answer of a sample, in the packed batch's answer order."""
-    raw_documents = {document_blocks(j)[0] for j in range(NUM_DOCUMENTS)}
-    return [f"{'raw' if query == QUERY_VIEWS[0] else 'soft'}-{'raw' if document in raw_documents else 'soft'}"
-            for query, document in view_pairs(NUM_DOCUMENTS)]
+def near_duplicate(vector: torch.Tensor, cosine: float, rng: random.Random) -> torch.Tensor:
+    """A unit vector at ``cosine`` to ``vector``: a hard negative, as a compositional foil's
+    embedding is to its true caption's (0.95-0.99 in the demo's training rows)."""
+    noise = torch.randn(vector.shape[-1], generator=torch.Generator().manual_seed(rng.randrange(2 ** 31)))
+    noise = F.normalize(noise - (noise @ vector) * vector, dim=-1)
+    return cosine * vector + (1 - cosine ** 2) ** 0.5 * noise
 
 
-def make_pairs(task: str, identities: torch.Tensor, count: int, rng: random.Random) -> Pairs:
-    """``count`` samples of ``task`` (see the module docstring), each with one relevant document."""
+def make_pairs(task: str, identities: torch.Tensor, count: int, rng: random.Random,
+               negative_cosine: float | None = None) -> Pairs:
+    """``count`` samples of ``task`` (see the module docstring), each with one relevant document.
+    ``negative_cosine`` (soft-equality): the irrelevant document's soft vector is a near
+    duplicate of the query's at this cosine instead of another identity."""
     n = len(identities)
     samples, soft = [], []
     for _ in range(count):
@@ -83,7 +87,10 @@ def make_pairs(task: str, identities: torch.Tensor, count: int, rng: random.Rand
         order = (0, 1) if rng.random() < 0.5 else (1, 0)
         samples.append(MatchSample(Item(text=query_text), tuple(Item(text=document_texts[k]) for k in order),
                                    tuple(k == 0 for k in order)))
-        soft += [identities[i], *(identities[chosen[k]] for k in order)]
+        documents = [identities[chosen[0]], identities[chosen[1]]]
+        if task == "soft-equality" and negative_cosine is not None:
+            documents[1] = near_duplicate(identities[i], negative_cosine, rng)
+        soft += [identities[i], *(documents[k] for k in order)]
     return Pairs(samples, torch.stack(soft))
 
 
@@ -94,15 +101,9 @@ def answer_logits(model: ReMatchModel, pairs: Pairs) -> tuple[torch.Tensor, torc
     return match_logits(model, batch, pairs.soft), batch.labels.view(len(pairs.samples), -1)
 
 
-def separation_auc(positives: list[float], negatives: list[float]) -> float:
-    """ROC AUC of positives over negatives, ties counted half (0.5: no separation)."""
-    pos, neg = np.asarray(positives)[:, None], np.asarray(negatives)[None, :]
-    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
-
-
 def auc_per_view(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     p_yes = torch.softmax(logits.float(), dim=-1)[..., 0]
-    kinds = pair_kinds()
+    kinds = pair_kinds(NUM_DOCUMENTS)
     result = {}
     for kind in sorted(set(kinds)):
         columns = [c for c, k in enumerate(kinds) if k == kind]
@@ -111,21 +112,36 @@ def auc_per_view(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
     return result
 
 
+def identity_table(count: int, hidden: int, shared_cosine: float, seed: int) -> torch.Tensor:
+    """``count`` unit vectors whose mean pairwise cosine is about ``shared_cosine``: a common
+    direction mixed into random ones, as trained embeddings share one (the demo's documents:
+    0.67-0.98), where 0 gives the isotropic identities of the first probes."""
+    if not 0.0 <= shared_cosine < 1.0:
+        raise ValueError(f"shared_cosine must be in [0, 1), got {shared_cosine}")
+    generator = torch.Generator().manual_seed(seed)
+    random_part = F.normalize(torch.randn(count, hidden, generator=generator), dim=-1)
+    common = F.normalize(torch.randn(1, hidden, generator=generator), dim=-1)
+    return F.normalize(shared_cosine ** 0.5 * common + (1 - shared_cosine) ** 0.5 * random_part, dim=-1)
+
+
 def train_probe(task: str, steps: int, *, identities: int = 8, batch_size: int = 16, lr: float = 1e-3,
                 backbone: str = "tiny-pretrained", seed: int = 0, eval_every: int = 50, heldout: int = 64,
+                shared_cosine: float = 0.0, negative_cosine: float | None = None, easy_steps: int = 0,
                 log=print) -> list[dict]:
     """Train the matching branch alone on ``task``; returns (and logs) one record per evaluation."""
     torch.manual_seed(seed)
     model = ReMatchModel.tiny(pretrained=backbone == "tiny-pretrained", num_tokens=4, seed=seed)
     model.train()
-    table = F.normalize(torch.randn(identities, model.hidden_size, generator=torch.Generator().manual_seed(seed)),
-                        dim=-1)
-    held_out = make_pairs(task, table, heldout, random.Random(10_000 + seed))
+    table = identity_table(identities, model.hidden_size, shared_cosine, seed)
+    held_out = make_pairs(task, table, heldout, random.Random(10_000 + seed), negative_cosine)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     records, start = [], time.perf_counter()
     for step in range(1, steps + 1):
-        logits, labels = answer_logits(model, make_pairs(task, table, batch_size, rng))
+        hard = negative_cosine if step > easy_steps else None  # a curriculum: other identities first
+        pairs = make_pairs(task, table, batch_size, rng, hard)
+        model.projector.observe(pairs.soft)  # as the training step does with its batch's embeddings
+        logits, labels = answer_logits(model, pairs)
         loss = F.cross_entropy(logits.reshape(-1, 2).float(), labels.reshape(-1).to(logits.device))
         optimizer.zero_grad()
         loss.backward()
@@ -150,11 +166,21 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--backbone", choices=("tiny-pretrained", "tiny"), default="tiny-pretrained")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared-cosine", type=float, default=0.0,
+                        help="mean pairwise cosine of the soft identities (a shared direction, as trained "
+                             "embeddings have; 0: isotropic)")
+    parser.add_argument("--negative-cosine", type=float, default=None,
+                        help="soft-equality: the irrelevant document is a near duplicate of the query at this "
+                             "cosine (a hard negative) instead of another identity")
+    parser.add_argument("--easy-steps", type=int, default=0,
+                        help="with --negative-cosine: the first N steps take another identity as the irrelevant "
+                             "document (easy), the rest the near duplicate")
     parser.add_argument("--eval-every", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(1)
     train_probe(args.task, args.steps, identities=args.identities, batch_size=args.batch_size, lr=args.lr,
-                backbone=args.backbone, seed=args.seed, eval_every=args.eval_every)
+                backbone=args.backbone, seed=args.seed, eval_every=args.eval_every, shared_cosine=args.shared_cosine,
+                negative_cosine=args.negative_cosine, easy_steps=args.easy_steps)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ MATCHING_VOCABULARIES = ("full", "yes_no")
 #: keeps encoding as it was trained), and a model's fingerprint leaves a field out while it has
 #: this value, so indexes and caches of those models keep matching them.
 SAVED_BEFORE: dict[str, Any] = {"video_fps": 1.0, "video_max_frames": 16, "video_max_pixels": None,
-                                "video_sampling": "fps", "target_prompt_style": "system"}
+                                "video_sampling": "fps", "target_prompt_style": "system",
+                                "projector_centering": False}
 
 T = TypeVar("T")
 
@@ -64,6 +65,10 @@ class ModelConfig:
     position; with ``num_tokens=0`` this is plain VLM2Vec-style last-token pooling)."""
     projector_layers: int = 2
     """Depth of the MLP that maps an embedding back to one soft input token for matching."""
+    projector_centering: bool = True
+    """Subtract the running mean of the embeddings before the projector (rematch.layers.
+    EmbeddingProjector): without it the matching head could not compare two soft views of
+    trained, anisotropic embeddings (docs/pretraining.md). Models saved before it: false."""
     min_pixels: int = 56 * 56
     """Images smaller than this are upscaled (Qwen's smart resize, sides multiples of 28)."""
     max_pixels: int = 448 * 448

@@ -46,6 +46,17 @@ def all_gather(value: Any) -> list[Any]:
     return gathered
 
 
+def all_reduce_sum(tensor):
+    """``tensor`` summed over every rank, in place and returned (itself without a group).
+
+    Every rank must call it, with a tensor of the same shape, on its collective device
+    (CPU for gloo, the GPU for NCCL)."""
+    dist = _dist()
+    if dist and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def init_from_environment() -> str | None:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1), if not joined yet.
 

@@ -89,7 +89,8 @@ class ReMatchModel(nn.Module):
         typical_norm = float(embedding_weight.detach().float().norm(dim=-1).median())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.projector = EmbeddingProjector(self.hidden_size, config.projector_layers, typical_norm)
+            self.projector = EmbeddingProjector(self.hidden_size, config.projector_layers, typical_norm,
+                                                centering=config.projector_centering)
         self.to(embedding_weight.device)
         self.mark_untrained()
 

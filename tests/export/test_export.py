@@ -114,6 +114,8 @@ def test_lora_is_merged_and_the_projector_is_saved(tmp_path, items):
         for name, parameter in model.backbone.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    model.projector.observe(torch.nn.functional.normalize(  # as a training step sets the projector's centre
+        torch.randn(8, model.hidden_size, generator=generator) + 2.0, dim=-1))
     expected = {role: model.encode(items[:3], role=role) for role in ("query", "document")}
     out = export_model(model, tmp_path / "export", allow_untrained=True)
     assert not any("lora" in name for name in load_file(str(out / "model.safetensors")))

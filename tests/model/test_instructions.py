@@ -19,6 +19,7 @@ from rematch.training.collate import TrainCollator
 from rematch.data.items import Item
 from rematch.data.mmeb_subsets import MMEB_SUBSETS, MMEB_TRAIN_SUBSETS
 from rematch.data.records import EvalExample, RowRef, TrainExample
+from tests.support.saved_models import save_as_before
 from rematch.demo.settings import SUBSETS as SHAPES_SUBSETS
 from rematch import instructions
 from rematch.evaluation.mmeb import evaluate_mmeb
@@ -144,12 +145,12 @@ def test_the_demo_baseline_row_still_differs_from_the_target_instruction_row(tmp
     settings = DemoSettings.create(tmp_path, quick=True)
     baseline = row_config(settings, baseline_row, 0, tmp_path, tmp_path / "b").model
     target = row_config(settings, target_row, 0, tmp_path, tmp_path / "t").model
-    # the demo pins the style its README tables were measured with (rematch.demo.pipeline.row_config)
-    assert baseline.target_prompt_style == target.target_prompt_style == "system"
+    # the demo runs the library's default style (its README tables were measured with B3's prefixes)
+    assert baseline.target_prompt_style == target.target_prompt_style == "b3"
     labels = [Item(text="red circle")]
     assert document_items(labels, "ShapesCLS", baseline) == labels
-    (with_instruction,) = document_items(labels, "ShapesCLS", target)  # the subset's system-turn sentence
-    assert with_instruction.text == "red circle" and with_instruction.instruction
+    (with_instruction,) = document_items(labels, "ShapesCLS", target)  # the subset's B3 prefix
+    assert with_instruction.text.endswith(": red circle") and with_instruction.text != "red circle"
 
 
 def test_as_written_gives_no_target_instruction_in_either_style(tiny_model):
@@ -242,12 +243,7 @@ def test_a_saved_model_records_its_style_and_one_saved_before_styles_loads_as_sy
     assert ReMatchModel.from_pretrained(tmp_path / "b3").config.target_prompt_style == "b3"
 
     old = ReMatchModel.tiny(num_tokens=2, target_prompt_style="system")
-    old.save_pretrained(tmp_path / "old")
-    path = tmp_path / "old" / "rematch_config.json"
-    meta = json.loads(path.read_text())
-    del meta["model"]["target_prompt_style"]  # what a model saved before the styles existed holds
-    path.write_text(json.dumps(meta))
-    loaded = ReMatchModel.from_pretrained(tmp_path / "old")
+    loaded = ReMatchModel.from_pretrained(save_as_before(old, tmp_path / "old", "target_prompt_style"))
     assert loaded.config.target_prompt_style == "system"  # it encodes as it was trained
     assert loaded.fingerprint() == old.fingerprint()  # and its indexes and caches still match it
     documents = [Item(text="two")]

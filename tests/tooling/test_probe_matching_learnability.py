@@ -50,5 +50,18 @@ def test_synthetic_pairs_put_the_relevant_document_in_either_slot(probe):
             for s, sample in enumerate(pairs.samples):
                 relevant = 1 + sample.relevant.index(True)
                 assert torch.equal(pairs.soft[3 * s], pairs.soft[3 * s + relevant])
-    assert probe.pair_kinds() == ["raw-raw", "raw-soft", "raw-raw", "raw-soft",
-                                  "soft-raw", "soft-soft", "soft-raw", "soft-soft"]
+
+    # a hard negative (--negative-cosine) is a near duplicate of the query's identity, at that cosine
+    hard = probe.make_pairs("soft-equality", table, 40, random.Random(0), negative_cosine=0.9)
+    for s, sample in enumerate(hard.samples):
+        irrelevant = 1 + sample.relevant.index(False)
+        cosine = torch.dot(hard.soft[3 * s], hard.soft[3 * s + irrelevant])
+        assert abs(float(cosine) - 0.9) < 1e-5 and abs(float(hard.soft[3 * s + irrelevant].norm()) - 1) < 1e-5
+
+
+def test_shared_identities_have_the_mean_cosine_asked_for(probe):
+    for shared in (0.0, 0.8):
+        table = probe.identity_table(256, 128, shared, seed=0)
+        similarity = table @ table.T
+        mean = float((similarity.sum() - similarity.diagonal().sum()) / (256 * 255))
+        assert abs(mean - shared) < 0.05

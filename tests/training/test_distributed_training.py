@@ -98,9 +98,13 @@ def test_two_processes_give_the_single_process_loss_and_gradients(tmp_path, shap
     for term in ("orthogonality", "matching"):  # local means; their average is the global mean
         mean = sum(r["terms"][term] for r in ranks) / 2
         assert mean == pytest.approx(terms[term].item(), rel=1e-4), term
+    # each gradient relative to its own size, but a gradient that cancels out to ~1e-7 of the largest
+    # one (the projector's output norm: 1.8e-7 against 8.0) is compared with that floor instead: the
+    # order the rows are summed in moves it by 0.2%, two ranks or one
+    floor = 1e-5 * max(float(g.abs().max()) for g in expected.values())
     for result in ranks:
         assert set(result["grads"]) == set(expected)
-        worst = max(float((result["grads"][n] - expected[n]).abs().max() / expected[n].abs().max().clamp_min(1e-12))
+        worst = max(float((result["grads"][n] - expected[n]).abs().max() / max(float(expected[n].abs().max()), floor))
                     for n in expected)
         assert worst < 1e-4
 

@@ -74,6 +74,24 @@ def test_in_batch_fallback_never_takes_a_spelling_variant_of_the_positive():
     assert plan.samples == [] and plan.skipped == 3  # no other document at all: skipped, not a false negative
 
 
+def test_a_training_step_with_matching_moves_the_projector_centre_and_one_without_does_not():
+    model = ReMatchModel.tiny(num_tokens=2, seed=0)
+    examples = [TrainExample(Item(f"question {i}"), Item(f"answer {i}"), (Item(f"other {i}"),)) for i in range(3)]
+    batch = TrainCollator(model)(examples)
+    before = model.projector.center.clone()
+    ReMatchTrainingModule(model, LossConfig(matching=0.0), seed=0)(batch)
+    torch.testing.assert_close(model.projector.center, before)
+    module = ReMatchTrainingModule(model, LossConfig(matching=0.1, matching_samples=0), seed=0)
+    module.eval()(batch)  # an evaluation pass measures, it does not move the centre
+    torch.testing.assert_close(model.projector.center, before)
+    module.train()(batch)
+    assert float(model.projector.center_updates) == 1.0
+    with torch.no_grad():  # the first observed batch sets the centre to its 9 embeddings' mean
+        embedded = [model.embed(b, role).embedding for b, role in
+                    ((batch.queries, "query"), (batch.positives, "document"), (batch.negatives, "document"))]
+    torch.testing.assert_close(model.projector.center, torch.cat(embedded).mean(dim=0), atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------ which parameters train
 
 

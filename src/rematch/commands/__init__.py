@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 #: Modules under rematch.commands, in the order their commands appear in ``rematch --help``.
-COMMAND_MODULES = ("demo", "model", "train", "pretrain", "data", "evaluate", "mteb", "index", "mine", "serve", "export")
+COMMAND_MODULES = ("demo", "model", "train", "pretrain", "data", "evaluate", "index", "mine", "serve", "export")
 
 
 def register_all(subparsers) -> None:

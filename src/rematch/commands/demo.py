@@ -14,7 +14,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings.create(out=args.out, quick=args.quick, seeds=args.seeds, steps=args.steps,
                                    backbone=args.backbone, from_scratch=args.from_scratch,
-                                   rows=tuple(args.rows) if args.rows else None, workers=args.workers)
+                                   rows=tuple(args.rows) if args.rows else None, workers=args.workers,
+                                   eval_queries=args.eval_queries)
     result = run_demo(settings)
     print()
     if args.quick:  # a 12-step run says nothing about the method: only that every stage runs
@@ -32,6 +33,9 @@ def register(sub) -> None:
     demo.add_argument("--quick", action="store_true", help="a ~2 minute smoke run with tiny sizes")
     demo.add_argument("--seeds", type=positive_int, default=1, help="seeds per ablation row (mean and spread)")
     demo.add_argument("--steps", type=positive_int, default=None, help="training steps per row (default 300; quick 12)")
+    demo.add_argument("--eval-queries", type=positive_int, default=None,
+                      help="queries per evaluation subset (default 100: one query is at most 1 point of hit@1; "
+                           "quick 10)")
     demo.add_argument("--rows", nargs="+", default=None, help="only these ablation rows (default: all six)")
     demo.add_argument("--backbone", choices=BACKBONES, default="tiny-pretrained",
                       help="what every row fine-tunes: the shipped generatively pretrained tiny Qwen2-VL (112 px, "

@@ -9,6 +9,7 @@ import argparse
 import json
 
 from rematch.commands.common import non_negative_int, positive_int
+from rematch.commands.mteb import register_under_eval
 from rematch.config import TARGET_PROMPT_STYLES  # light: PyYAML only
 
 
@@ -235,3 +236,4 @@ def register(sub) -> None:
     generative.add_argument("--device", default=None, help="e.g. cuda:1 or cpu (default: cuda when available)")
     generative.add_argument("--out", default=None, help="directory for generative.json")
     generative.set_defaults(func=cmd_generative)
+    register_under_eval(groups)  # mteb's tasks, last: an optional extra

@@ -1,7 +1,9 @@
 """``rematch eval mteb``: mteb's tasks (text, image, both) on a ReMatch model, see rematch.integrations.mteb_run.
 
-Registered under ``rematch eval`` beside ``mmeb``, ``mmeb-v2`` and ``retrieval``; mteb itself
-is an optional extra (``pip install 'rematch[mteb]'``) and is imported only when the command runs.
+Registered under ``rematch eval`` beside ``mmeb``, ``mmeb-v2`` and ``retrieval``
+(:func:`register_under_eval`, called by rematch.commands.evaluate with its subcommand group);
+mteb itself is an optional extra (``pip install 'rematch[mteb]'``) and is imported only when
+the command runs.
 """
 
 from __future__ import annotations
@@ -33,14 +35,9 @@ def cmd_mteb(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_group(sub) -> argparse._SubParsersAction:
-    """The subcommands of ``rematch eval`` (registered by rematch.commands.evaluate, before this module)."""
-    evaluate = sub.choices["eval"]
-    return next(action for action in evaluate._actions if isinstance(action, argparse._SubParsersAction))
-
-
-def register(sub) -> None:
-    parser = _eval_group(sub).add_parser(
+def register_under_eval(groups) -> None:
+    """Add ``mteb`` to the subcommands of ``rematch eval`` (``groups``: that parser's subparsers)."""
+    parser = groups.add_parser(
         "mteb", help="run mteb tasks (text, image, both; mteb's offline mock tasks too) on a model")
     parser.add_argument("--model", required=True, help="model directory, hub id, or tiny[:size[:family]]")
     parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK",

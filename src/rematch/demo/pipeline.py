@@ -56,9 +56,6 @@ def row_config(settings: DemoSettings, row: AblationRow, seed: int, data_root: P
         "model.backbone": settings.backbone, "model.tiny_family": "qwen2_vl", "model.tiny_size": "tiny",
         "model.seed": seed, "model.min_pixels": side * side, "model.max_pixels": side * side,
         "data.source": str(data_root), "data.subsets": list(SUBSETS),
-        # the demo's tables (README) were measured with the per-subset system-turn instructions; the
-        # library's default became B3's inline prefixes (issue 26): pinned until the demo is re-measured
-        "model.target_prompt_style": "system",
         "loss.temperature": settings.temperature,
         "loss.matching_samples": max(1, settings.batch_size // 4),  # as the paper recipes: 1/4 of the batch
         "lora.enabled": False,

@@ -91,8 +91,19 @@ def load_plain(path: Path) -> Any:
                                     f"{str(error).splitlines()[0]}") from error
 
 
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that are part of the module's state (not the non-persistent ones, e.g. rotary
+    tables): training state that is not a parameter, such as the projector's running centre,
+    which a resume must restore as exactly as the weights."""
+    saved = set(module.state_dict(keep_vars=True))
+    return {name: buffer for name, buffer in module.named_buffers() if name in saved}
+
+
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+    """What a checkpoint holds of the model: every trainable parameter and every persistent buffer."""
+    state = {name: p.detach().cpu().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+    state.update({name: b.detach().cpu().contiguous() for name, b in persistent_buffers(module).items()})
+    return state
 
 
 def save_checkpoint(root: Path, step: int, module: torch.nn.Module, optimizer, scheduler,
@@ -225,15 +236,16 @@ def load_checkpoint(directory: Path, module: torch.nn.Module, optimizer, schedul
     state = read_state(directory)
     verify_checksums(directory)
     weights = load_file(str(directory / TRAINABLE))
-    expected = {name for name, p in module.named_parameters() if p.requires_grad}
+    buffers = persistent_buffers(module)
+    expected = {name for name, p in module.named_parameters() if p.requires_grad} | set(buffers)
     if set(weights) != expected:
         missing, unexpected = sorted(expected - set(weights))[:5], sorted(set(weights) - expected)[:5]
         raise CheckpointError(f"checkpoint {directory} does not fit this model: missing {missing}, "
                            f"unexpected {unexpected} (was it written with another config?)")
-    parameters = dict(module.named_parameters())
+    tensors = {**dict(module.named_parameters()), **buffers}
     with torch.no_grad():
         for name, value in weights.items():
-            parameters[name].copy_(value)
+            tensors[name].copy_(value)
     optimizer.load_state_dict(load_plain(directory / "optimizer.pt"))
     scheduler.load_state_dict(load_plain(directory / "scheduler.pt"))
     rng_states = load_plain(directory / "rng.pt")

@@ -200,6 +200,8 @@ class ReMatchTrainingModule(nn.Module):
         kinds = pair_kinds(2)  # a query, its positive and one negative per matched sample
         matching_reached = False
         if self.loss_config.matching:
+            if self.training:  # the projector's centre follows the batch's embeddings (rematch.layers)
+                model.projector.observe(torch.cat([o.embedding for o in outputs]))
             plan = self.plan_matching(batch, queries, positives, negatives, step)
             self.last_skipped_matching = plan.skipped
             if plan.samples:

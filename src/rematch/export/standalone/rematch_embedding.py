@@ -102,17 +102,23 @@ class ExportedEmbedder:
 
 
 class Projector(torch.nn.Module):
-    """The matching branch's projector: a unit embedding -> one soft input token (MLP, then a learned norm).
+    """The matching branch's projector: a unit embedding -> one soft input token (the mean of the
+    training embeddings subtracted and renormalised where the model was trained so, an MLP,
+    then a learned norm).
 
     Only reranking with the matching head uses it; the embedding itself never does."""
 
-    def __init__(self, mlp: torch.nn.Sequential):
+    def __init__(self, mlp: torch.nn.Sequential, center: torch.Tensor | None = None):
         super().__init__()
         self.mlp = mlp
         self.output_norm = torch.nn.Parameter(torch.tensor(1.0))
+        self.center = center
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(embedding.float()), dim=-1, eps=1e-6) * self.output_norm
+        embedding = embedding.float()
+        if self.center is not None:
+            embedding = F.normalize(embedding - self.center.to(embedding.device), dim=-1, eps=1e-6)
+        return F.normalize(self.mlp(embedding), dim=-1, eps=1e-6) * self.output_norm
 
 
 def load_projector(path: str | Path) -> Projector:
@@ -127,7 +133,9 @@ def load_projector(path: str | Path) -> Projector:
         layers.append(torch.nn.Linear(in_features, out_features))
         if position < len(linears) - 1:
             layers.append(torch.nn.GELU())
-    projector = Projector(torch.nn.Sequential(*layers))
+    center, updates = tensors.pop("center", None), tensors.pop("center_updates", None)
+    # a centering projector that never saw a training batch has a zero center: no centering
+    projector = Projector(torch.nn.Sequential(*layers), center if updates is not None and float(updates) > 0 else None)
     projector.load_state_dict(tensors)
     return projector.eval()
 
