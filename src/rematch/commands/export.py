@@ -6,8 +6,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-OVERWRITE_HELP = ("replace whatever is at OUT (default: only a new or empty directory or an earlier export of the "
-                  "same --format is replaced)")
+OVERWRITE_HELP = ("replace an earlier export of the other --format at OUT (default: OUT must be new, empty or an "
+                  "export of the same format); a folder holding anything else is refused, --overwrite or not")
 UNTRAINED_HELP = "allow a model whose ReMatch heads are untrained (random), e.g. for a smoke test (default: refused)"
 
 
