@@ -47,7 +47,7 @@ class EmbeddingProjector(nn.Module):
     token from the first step instead of as a vanishing or exploding input.
 
     Two choices keep what tells items apart visible to the language model (measured in
-    docs/pretraining.md, "Issue 24: the soft views"):
+    docs/pretraining.md, "Issue 24: what the soft views can read"):
 
     * **Centering** (``centering=True``, new models): trained embeddings share one large
       direction (mean pairwise cosine 0.67-0.98 over the shapes world's documents), and the

@@ -7,8 +7,8 @@ the demo does the same in miniature: every row starts from the shipped generativ
 pretrained tiny backbone (``tiny-pretrained``, docs/pretraining.md), and ``--from-scratch``
 adds the full recipe from a random backbone as a row of its own, which shows what the
 pre-training buys (measured 2026-11-27 at 40 queries per subset: full ReMatch 30.5% overall
-hit@1 from the pretrained start, 21.5% from the random one; README, "The demo"). ``--backbone tiny`` runs every row from the
-random backbone instead.
+hit@1 from the pretrained start, 21.5% from the random one; README, "The demo").
+``--backbone tiny`` runs every row from the random backbone instead.
 """
 
 from __future__ import annotations
