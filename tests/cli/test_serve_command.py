@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 
 from tests.support.ports import free_port
+from tests.support.serving import wait_until_healthy
 
 
 def test_serve_command_reports_bad_flags_in_one_line(tmp_path, capsys):
@@ -33,16 +33,8 @@ def test_rematch_serve_process_serves_and_stops_on_sigterm(tmp_path):
          "--port", str(port), "--api-key", "k", "--log-level", "warning"],
         env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "rematch serve did not come up"
-            time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(process, url)
         answer = httpx.post(url + "/v1/embeddings", json={"input": ["a red circle"]},
                             headers={"Authorization": "Bearer k"}, timeout=60)
         assert answer.status_code == 200 and len(answer.json()["data"][0]["embedding"]) == 128

@@ -23,30 +23,16 @@ from rematch.atomic import ReplaceRefusedError
 from rematch.cli import main
 from rematch.export import export_model
 from tests.support.imports import import_quietly
-from tests.support.processes import run_with_deadline
+from tests.support.processes import NO_REMATCH, run_with_deadline
 from tests.support.serving import cosines, shape_image
 
 import_quietly("sentence_transformers")
 MIN_COSINE = 0.9999
 
 #: Runs in the child: rematch is unimportable, then each idiom's vectors are saved.
-CHILD = textwrap.dedent('''
-    import json, sys
+CHILD = NO_REMATCH + textwrap.dedent('''
+    import json
     import numpy as np
-
-    class NoRematch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "rematch" or name.startswith("rematch."):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-            return None
-
-    sys.meta_path.insert(0, NoRematch())
-    try:
-        import rematch  # noqa: F401
-    except ModuleNotFoundError:
-        pass
-    else:
-        raise SystemExit("rematch is importable in the child")
 
     from PIL import Image
     from sentence_transformers import SentenceTransformer

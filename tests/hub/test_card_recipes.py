@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,21 +21,10 @@ from rematch import ReMatchModel
 from rematch.export import export_model
 from rematch.hub.card import render_card
 from tests.support.imports import import_quietly
-from tests.support.processes import run_with_deadline
+from tests.support.processes import NO_REMATCH, run_with_deadline
 from tests.support.serving import cosines, shape_image
 
 MIN_COSINE = 0.9999
-NO_REMATCH = textwrap.dedent('''
-    import sys
-
-    class NoRematch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "rematch" or name.startswith("rematch."):
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-            return None
-
-    sys.meta_path.insert(0, NoRematch())
-''')
 
 
 def python_blocks(card: str) -> list[str]:

@@ -14,16 +14,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import numpy as np
 import pytest
 
 from rematch import ReMatchModel
 from tests.support import REPO
 from tests.support.ports import free_port
-from tests.support.serving import cosines, shape_image
+from tests.support.serving import cosines, shape_image, wait_until_healthy
 
 openai = pytest.importorskip("openai")
 
@@ -55,16 +53,7 @@ def served(model_dir):
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "rematch serve did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(process, url)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)

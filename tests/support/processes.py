@@ -12,10 +12,32 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import textwrap
 from typing import Sequence
 
 #: Long enough for the slowest of these runs on a busy 2-core machine, short enough to fail fast.
 DEADLINE_S = 600
+
+#: The first lines of a child script that must work without rematch (an export, a model card's
+#: code): any import of rematch fails in it, as on a machine where it is not installed, and the
+#: child stops at once if rematch can still be imported.
+NO_REMATCH = textwrap.dedent('''
+    import sys
+
+    class NoRematch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "rematch" or name.startswith("rematch."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+            return None
+
+    sys.meta_path.insert(0, NoRematch())
+    try:
+        import rematch  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit("rematch is importable in the child")
+''')
 
 
 def run_with_deadline(command: Sequence[str], timeout: float = DEADLINE_S, **kwargs) -> subprocess.CompletedProcess:

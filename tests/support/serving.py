@@ -6,7 +6,9 @@ import base64
 import contextlib
 import io
 import re
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -98,3 +100,18 @@ def _ours(thread: threading.Thread) -> bool:
 def client(server, key: str | None = API_KEY, **kwargs) -> httpx.Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=server.url, headers=headers, timeout=120.0, **kwargs)
+
+
+def wait_until_healthy(process: subprocess.Popen, url: str, deadline_s: float = 240) -> None:
+    """Wait for a ``rematch serve`` process to answer ``GET /health`` with 200; fail at once if the
+    process exits (its stderr in the message) or when ``deadline_s`` passes."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "rematch serve did not come up"
+        time.sleep(0.2)
